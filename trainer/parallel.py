@@ -1,0 +1,187 @@
+"""Where the meta-step runs: `shard_map` over a 1-D `tasks` mesh (default), `pmap`, or one device (`none`).
+
+Every backend offers the same four operations to the train loop:
+  put_state(host_state)      -> the state replicated on the backend's devices
+  host_state(state)          -> numpy copy of the (replicated) state, for checkpoints and evaluation
+  sample_tasks(key, step)    -> the step's task batch, each device sampling only its own slice of tasks
+  step(state, task_batch)    -> (state, metrics); jitted once, state donated, metrics replicated
+
+Tasks are indexed globally (0..B-1) and task i of step s comes from fold_in(fold_in(key, s), i), so the
+tasks of a step do not depend on the number of devices or processes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from trainer import config as config_lib
+from trainer import tasks as tasks_lib
+from trainer import train_step as train_step_lib
+
+AXIS = "tasks"
+
+
+def select_devices(num_devices: int) -> list[jax.Device]:
+    """The first `num_devices` global devices (all when 0), with a clear error if there are fewer."""
+    devices = jax.devices()
+    if num_devices == 0:
+        return devices
+    if num_devices > len(devices):
+        raise config_lib.ConfigError(
+            f"config field 'parallel.num_devices' = {num_devices} but only {len(devices)} device(s) are visible "
+            f"({devices[0].platform}); use 0 for all of them")
+    return devices[:num_devices]
+
+
+def make_mesh(devices: list[jax.Device]) -> jax.sharding.Mesh:
+    # Auto axis type: jax.make_mesh defaults to Explicit axes, which refuse unsharded inputs to shard_map.
+    return jax.make_mesh((len(devices),), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class _Backend:
+    name = "base"
+
+    def __init__(self, config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype):
+        self.config = config
+        self.batch_size = config.train.meta_batch_size
+        self.dtype = dtype
+        self.num_traces = 0
+        self._local_step = functools.partial(train_step_lib.train_step, task_meta_grad=task_meta_grad,
+                                             optimizer=optimizer)
+
+    def _sample(self, task_key, step, task_indices):
+        return tasks_lib.sample_tasks(self.config.tasks, task_key, step, task_indices, self.dtype)
+
+    def _counted(self, fn):
+        def wrapper(*args, **kwargs):
+            self.num_traces += 1  # Runs at trace time only: counts compilations of the step.
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @staticmethod
+    def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in metrics.items()}
+
+
+class SingleDevice(_Backend):
+    """vmap over the whole meta-batch on one device."""
+
+    name = "none"
+
+    def __init__(self, config, task_meta_grad, optimizer, dtype, device=None):
+        super().__init__(config, task_meta_grad, optimizer, dtype)
+        self.device = device or jax.devices()[0]
+        self.devices = [self.device]
+        self.num_devices = 1
+        self.step = jax.jit(self._counted(self._local_step), donate_argnums=0)
+        self._sample_jit = jax.jit(self._sample)
+
+    def put_state(self, host_state):
+        return jax.device_put(host_state, self.device)
+
+    def host_state(self, state):
+        return jax.tree.map(np.asarray, state)
+
+    def sample_tasks(self, task_key, step):
+        indices = jnp.arange(self.batch_size)
+        return self._sample_jit(task_key, jnp.asarray(step, jnp.int32), indices)
+
+
+class ShardMap(_Backend):
+    """`jax.shard_map` over a 1-D mesh: each device vmaps its own tasks; gradients all-reduced with pmean."""
+
+    name = "shard_map"
+
+    def __init__(self, config, task_meta_grad, optimizer, dtype, devices):
+        super().__init__(config, task_meta_grad, optimizer, dtype)
+        self.devices = devices
+        self.num_devices = len(devices)
+        self.mesh = make_mesh(devices)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.task_sharding = NamedSharding(self.mesh, P(AXIS))
+        local_step = functools.partial(self._local_step, axis_name=AXIS)
+        # check_vma=False: jaxopt's line search has cond branches whose outputs differ in varying-ness.
+        sharded_step = jax.shard_map(local_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                                     check_vma=False)
+        self.step = jax.jit(self._counted(sharded_step), in_shardings=(self.replicated, self.task_sharding),
+                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        sharded_sample = jax.shard_map(self._sample, mesh=self.mesh, in_specs=(P(), P(), P(AXIS)),
+                                       out_specs=P(AXIS), check_vma=False)
+        self._sample_jit = jax.jit(sharded_sample, out_shardings=self.task_sharding)
+        # Each process builds only the indices of its own devices' tasks.
+        all_indices = np.arange(self.batch_size, dtype=np.int32)
+        self.task_indices = jax.make_array_from_callback((self.batch_size,), self.task_sharding,
+                                                         lambda idx: all_indices[idx])
+
+    def put_state(self, host_state):
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, self.replicated, lambda idx: x[idx])
+
+        return jax.tree.map(put, host_state)
+
+    def host_state(self, state):
+        return jax.tree.map(np.asarray, state)
+
+    def sample_tasks(self, task_key, step):
+        return self._sample_jit(task_key, jnp.asarray(step, jnp.int32), self.task_indices)
+
+
+class Pmap(_Backend):
+    """`jax.pmap` over the local devices (kept for users on it); state carries a leading device axis."""
+
+    name = "pmap"
+
+    def __init__(self, config, task_meta_grad, optimizer, dtype, devices):
+        super().__init__(config, task_meta_grad, optimizer, dtype)
+        self.devices = [d for d in devices if d.process_index == jax.process_index()]
+        self.num_devices = len(devices)
+        self.num_local = len(self.devices)
+        local_step = functools.partial(self._local_step, axis_name=AXIS)
+        self.step = jax.pmap(self._counted(local_step), axis_name=AXIS, devices=devices, donate_argnums=0)
+        self._sample_pmap = jax.pmap(self._sample, in_axes=(None, None, 0), devices=devices)
+        # Placing the state through pmap gives it the same device layout as the step's outputs (no recompile).
+        self._replicate = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
+        per_device = self.batch_size // self.num_devices
+        first = jax.process_index() * self.num_local * per_device  # devices are ordered by process
+        self.task_indices = np.arange(first, first + self.num_local * per_device,
+                                      dtype=np.int32).reshape(self.num_local, per_device)
+
+    def put_state(self, host_state):
+        stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * self.num_local), host_state)
+        return self._replicate(stacked)
+
+    def host_state(self, state):
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state)
+
+    def sample_tasks(self, task_key, step):
+        return self._sample_pmap(task_key, jnp.asarray(step, jnp.int32), self.task_indices)
+
+    @staticmethod
+    def metrics_to_host(metrics):
+        return {k: np.asarray(v.addressable_data(0))[0] for k, v in metrics.items()}
+
+
+def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype) -> Any:
+    """The backend named by `parallel.backend`; checks the meta-batch splits evenly before compiling."""
+    name = config.parallel.backend
+    if name == "none":
+        config_lib.check_device_count(config, 1)
+        return SingleDevice(config, task_meta_grad, optimizer, dtype)
+    devices = select_devices(config.parallel.num_devices)
+    config_lib.check_device_count(config, len(devices))
+    if name == "shard_map":
+        return ShardMap(config, task_meta_grad, optimizer, dtype, devices)
+    if name == "pmap":
+        return Pmap(config, task_meta_grad, optimizer, dtype, devices)
+    raise config_lib.ConfigError(f"config field 'parallel.backend' = {name!r}: expected one of "
+                                 f"{list(config_lib.BACKENDS)}")
