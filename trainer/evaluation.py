@@ -27,23 +27,38 @@ from trainer import tasks as tasks_lib
 METHODS = ("adapted", "prior", "zero", "scratch_prox", "scratch")
 
 
+class _PerSolveL2Problem(inner_lib.InnerProblem):
+    """The inner problem with lambda read from the data, so solves with different lambdas batch together."""
+
+    def objective(self, x, theta, data):
+        task_data, l2reg = data
+        diff = jax.tree.map(lambda a, b: a - b, x, theta)
+        return self.loss(x, task_data) + 0.5 * l2reg * inner_lib.tree_sq_norm(diff)
+
+
 def make_eval_fn(config: ml_collections.ConfigDict, model):
-    """jitted (meta_params, tasks, init_key) -> per-task query MSE of every method, and adapted params."""
+    """jitted (meta_params, tasks, init_key) -> (per-task query MSE of every method, adapted, scratch, stats).
+
+    The three inner solves per task (from theta with lambda, from a random init with lambda, from a random init
+    with lambda = 0) are one vmapped solve, so the solver is compiled once.
+    """
     solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
-    loss = meta_grad_lib.support_loss_fn(model)
-    proximal = inner_lib.InnerProblem(loss=loss, l2reg=config.inner.l2reg)
-    unregularised = inner_lib.InnerProblem(loss=loss, l2reg=0.0)
+    problem = _PerSolveL2Problem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
+    lam = config.inner.l2reg
 
     def one_task(meta_params, task, random_init):
         support, query = tasks_lib.support(task), tasks_lib.query(task)
         query_mse = lambda params: model_lib.mse_loss(model, params, *query)
-        adapted, stats = solver.solve(proximal, meta_params, meta_params, support)
-        scratch_prox, _ = solver.solve(proximal, random_init, random_init, support)
-        scratch, _ = solver.solve(unregularised, random_init, random_init, support)
+        starts = jax.tree.map(lambda a, b: jnp.stack([a, b, b]), meta_params, random_init)
+        l2regs = jnp.asarray([lam, lam, 0.0], dtype=jax.tree.leaves(meta_params)[0].dtype)
+        solve = lambda start, l2reg: solver.solve(problem, start, start, (support, l2reg))
+        solutions, stats = jax.vmap(solve)(starts, l2regs)
+        adapted, scratch_prox, scratch = (jax.tree.map(lambda a, i=i: a[i], solutions) for i in range(3))
         losses = dict(adapted=query_mse(adapted), prior=query_mse(meta_params),
                       zero=jnp.mean(query[1] ** 2), scratch_prox=query_mse(scratch_prox),
                       scratch=query_mse(scratch))
-        return losses, adapted, scratch, stats
+        adapted_stats = jax.tree.map(lambda a: a[0], stats)
+        return losses, adapted, scratch, adapted_stats
 
     def evaluate(meta_params, tasks, init_key):
         num_tasks = tasks["query_x"].shape[0]
