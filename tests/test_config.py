@@ -1,0 +1,75 @@
+"""Config validation: every bad value is refused before any work, naming the field and what was expected."""
+
+import pytest
+
+from tests import helpers
+from trainer import config as config_lib
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("inner.l2reg", -1.0, "inner.l2reg"),
+    ("inner.maxiter", 0, "inner.maxiter"),
+    ("meta_grad.estimator", "magic", "meta_grad.estimator"),
+    ("train.meta_batch_size", 0, "train.meta_batch_size"),
+    ("meta_grad.linear_solver", "lu", "meta_grad.linear_solver"),
+    ("parallel.backend", "mpi", "parallel.backend"),
+    ("outer.learning_rate", float("nan"), "outer.learning_rate"),
+])
+def test_invalid_values_name_the_field(field, value, expected):
+    config = config_lib.default_config()
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(config_lib.ConfigError, match=expected):
+        config_lib.validate(config)
+
+
+def test_unknown_field_is_refused():
+    config = config_lib.default_config()
+    config.inner.typo_field = 3
+    with pytest.raises(config_lib.ConfigError, match="inner.typo_field"):
+        config_lib.validate(config)
+
+
+def test_float32_with_unreachable_tolerance_is_refused():
+    config = config_lib.default_config()
+    config.model.dtype = "float32"
+    config.inner.tol = 1e-12
+    with pytest.raises(config_lib.ConfigError, match="inner.tol"):
+        config_lib.validate(config)
+
+
+def test_batch_not_divisible_by_devices_names_both_numbers_and_valid_sizes():
+    config = helpers.small_config(**{"train.meta_batch_size": 10})
+    with pytest.raises(config_lib.ConfigError, match=r"= 10 .* 4 devices.*\[8, 12\]"):
+        config_lib.check_device_count(config, 4)
+
+
+@pytest.mark.parametrize("path", ["configs/sinusoid.py", "configs/notebook.py", "configs/smoke.py",
+                                  "configs/sinusoid_finn.py"])
+def test_shipped_configs_are_valid(path):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(helpers.REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_lib.validate(module.get_config())
+    assert "Run:" in module.__doc__ or "python -m trainer.main" in module.__doc__
+
+
+def test_cli_rejects_unknown_key_before_any_work(tmp_path):
+    proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.not_a_field=1"])
+    assert proc.returncode != 0
+    assert "not_a_field" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_rejects_invalid_value_before_any_work(tmp_path):
+    proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.l2reg=-0.5"])
+    assert proc.returncode != 0
+    assert "inner.l2reg" in proc.stderr and "> 0" in proc.stderr
+    assert not (tmp_path / "w").exists()
+    proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={tmp_path}/w",
+                            "--config.meta_grad.estimator=magic"])
+    assert proc.returncode != 0
+    assert "meta_grad.estimator" in proc.stderr and "implicit" in proc.stderr
