@@ -1,14 +1,28 @@
-"""Orbax checkpoints of the train state in `<workdir>/checkpoints`, and the resolved config beside them.
+"""Orbax checkpoints of the train state in `<workdir>/checkpoints`, resume, and preemption.
 
-The state is saved as host (numpy) arrays: it is replicated and small, and a numpy checkpoint restores
-onto any device count or backend (the backend replicates it again). Orbax writes each step to a
-temporary directory and renames it when complete, so a step interrupted mid-save is never listed.
+Each step directory holds two items: `state` (the TrainState as host numpy arrays: step, meta-parameters,
+optax state and the raw task key, which is all the next step depends on, since step s draws its tasks
+from fold_in(task_key, s)) and `meta` (JSON: the resolved config and where it was written). The resolved
+config is also kept readable in `<workdir>/config.json`.
+
+Host arrays restore onto any device count or backend: the backend replicates them again.
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save cut short
+by a crash is never listed as a step. Nothing is deleted except by `checkpoint.max_to_keep`; resuming from
+an earlier step (`--restore_step`) moves the later steps to `<workdir>/checkpoints_superseded/`.
+
+Preemption: SIGTERM or SIGINT make the loop save the current step, wait for it and raise `Preempted`; the
+CLI then exits with `PREEMPTED_EXIT_STATUS`. With several processes, all agree on the step through
+`jax.experimental.multihost_utils.reached_preemption_sync_point` (JAX's own SIGTERM notifier).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import threading
+import time
 from typing import Any
 
 import jax
@@ -18,9 +32,21 @@ import orbax.checkpoint as ocp
 
 from trainer import config as config_lib
 
+# EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry" -- run the same command again.
+PREEMPTED_EXIT_STATUS = 75
+SUPERSEDED_DIR = "checkpoints_superseded"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: missing, unreadable, or written by an incompatible config."""
+
+
+class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped on request after saving.
+    """Training stopped on SIGTERM/SIGINT after checkpointing `step`; rerunning the command resumes."""
+
+    def __init__(self, step: int, reason: str, checkpoint_dir: str):
+        self.step, self.reason, self.checkpoint_dir = step, reason, checkpoint_dir
+        super().__init__(f"{reason}: saved step {step} in {checkpoint_dir}; run the same command to resume")
 
 
 def config_path(workdir: str) -> str:
@@ -57,46 +83,197 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differing_maths_fields(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
-    """Fields that change the optimisation problem and differ between the saved and the current config."""
+    """Fields that change the optimisation problem and differ between the saved and the current config.
+
+    `train.num_steps` counts only under a decaying learning-rate schedule, whose length it sets.
+    """
     saved_flat, current_flat = _flat(saved), _flat(config_lib.to_dict(current))
+    names = list(config_lib.maths_fields())
+    if "constant" not in (saved_flat.get("outer.schedule"), current_flat.get("outer.schedule")):
+        names.append("train.num_steps")
     return [f"{name} (saved {saved_flat.get(name)!r}, now {current_flat.get(name)!r})"
-            for name in config_lib.maths_fields() if saved_flat.get(name) != current_flat.get(name)]
+            for name in names if saved_flat.get(name) != current_flat.get(name)]
+
+
+def _abstract(template: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` saving host-side train states."""
+    """`ocp.CheckpointManager` over `<workdir>/checkpoints`, saving host-side train states asynchronously.
+
+    A context manager: leaving it (or `close()`) waits for pending saves.
+    """
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        self.workdir = workdir
+        self.config = config
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         ck = config.checkpoint
         options = ocp.CheckpointManagerOptions(max_to_keep=ck.max_to_keep, create=True,
                                                enable_async_checkpointing=ck.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, host_state: Any, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.StandardSave(host_state), force=force)
+    def save(self, step: int, host_state: Any, extra_meta: dict[str, Any] | None = None) -> bool:
+        """Starts saving `host_state` as `step` (in the background when `checkpoint.async_save`).
+
+        Returns False, saving nothing, when `step` is already saved (or being saved).
+        """
+        if step in self.manager.all_steps():
+            return False
+        # A copy: np.asarray of a CPU jax.Array may share the device buffer, which the next (donating) step
+        # reuses while the background save still reads it.
+        state_copy = jax.tree.map(np.array, host_state)
+        meta = {"step": int(step), "config": config_lib.to_dict(self.config),
+                "process_count": jax.process_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **(extra_meta or {})}
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_copy),
+                                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+    def _check_step(self, step: int) -> None:
+        if step not in self.all_steps():
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} "
+                                  f"(available: {self.all_steps() or 'none'})")
+
+    def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint step {step} at {self.step_path(step)} cannot be read ({what}: "
+            f"{type(error).__name__}: {error}); choose another step with --restore_step "
+            f"(available: {self.all_steps()})")
+
+    def saved_meta(self, step: int) -> dict[str, Any]:
+        """The `meta` item of `step`: {'step', 'config', 'process_count', 'time', ...}."""
+        self._check_step(step)
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises many types for damaged files.
+            raise self._unreadable(step, "its meta item", e) from e
 
     def restore(self, step: int, template: Any) -> Any:
-        """Restores `step` into the structure of `template` (host arrays); clear error if unreadable."""
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+        """Restores `step` into the structure and dtypes of `template`, as host arrays."""
+        self._check_step(step)
         try:
-            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template))))["state"]
         except Exception as e:  # orbax raises many types for damaged files.
-            raise CheckpointError(
-                f"checkpoint step {step} in {os.path.join(self.directory, str(step))} cannot be restored "
-                f"({type(e).__name__}: {e}); choose another step with --restore_step "
-                f"(available: {self.all_steps()})") from e
+            raise self._unreadable(step, "its state item", e) from e
         return jax.tree.map(np.asarray, restored)
+
+    def restore_for_resume(self, template: Any, *, restore_step: int | None = None,
+                           allow_config_change: bool = False, log=print) -> Any:
+        """The state to train from: `template` if there is no checkpoint, else the latest (or `restore_step`).
+
+        Refuses a checkpoint whose config differs in a maths field unless `allow_config_change`. When an
+        earlier step than the latest is chosen, the later steps are moved aside so that they are neither
+        resumed from by the next run nor overwritten.
+        """
+        steps = self.all_steps()
+        if restore_step is None and not steps:
+            return template
+        step = steps[-1] if restore_step is None else restore_step
+        self._check_step(step)
+        saved_config = self.saved_meta(step).get("config") or read_config(self.workdir)
+        differing = differing_maths_fields(saved_config, self.config) if saved_config else []
+        if differing and not allow_config_change:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} was written by a different experiment; fields "
+                f"that change the maths differ: {'; '.join(differing)}. Use another --workdir, or pass "
+                "--allow_config_change to continue anyway")
+        if differing:
+            log(f"warning: continuing with changed maths fields: {'; '.join(differing)}")
+        state = self.restore(step, template)
+        later = [s for s in steps if s > step]
+        if later:
+            self._set_aside(later)
+            log(f"resuming from step {step}: moved the later checkpoints {later} to "
+                f"{os.path.join(self.workdir, SUPERSEDED_DIR)}")
+        return state
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            target = os.path.join(self.workdir, SUPERSEDED_DIR, time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(target, exist_ok=True)
+            for step in steps:
+                shutil.move(self.step_path(step), os.path.join(target, str(step)))
+        _sync_processes("imaml_checkpoints_set_aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager; safe to call twice."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
+
+
+class PreemptionWatcher:
+    """Context manager: `reached(step)` is True once SIGTERM/SIGINT arrived, at a step all processes agree on.
+
+    One process: handlers for SIGTERM and SIGINT set a flag (a second SIGINT aborts at once, without saving).
+    Several processes: JAX's preemption service catches SIGTERM and agrees on a step across processes
+    (`reached_preemption_sync_point`, which every process must call at every step); SIGINT is forwarded to it
+    as SIGTERM. Outside the main thread no handler can be installed and `reached` only sees the sync service.
+    """
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._multiprocess = jax.process_count() > 1
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.reason is not None:
+            raise KeyboardInterrupt  # Second Ctrl-C: give up on the save.
+        self.reason = signal.Signals(signum).name
+        if self._multiprocess:
+            os.kill(os.getpid(), signal.SIGTERM)  # Reaches JAX's preemption notifier (a C-level handler).
+        else:
+            print(f"{self.reason} received: saving a checkpoint after the current step, then exiting "
+                  "(Ctrl-C again aborts without saving)", flush=True)
+
+    def __enter__(self) -> PreemptionWatcher:
+        if threading.current_thread() is threading.main_thread():
+            # With several processes SIGTERM belongs to JAX's notifier: a Python handler would replace it.
+            signums = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
+            for signum in signums:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def reached(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.reason = self.reason or "SIGTERM"
+                return True
+            return False
+        return self.reason is not None
