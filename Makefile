@@ -7,7 +7,7 @@ WORKDIR ?= runs/sinusoid
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint format bench bench-quick tensorboard clean
+.PHONY: install train evaluate test test-fast lint format bench bench-quick tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(VENV)/.installed  ## Create .venv and install the package with its te
 
 train: $(VENV)/.installed  ## Train the default config on all local devices (override CONFIG, WORKDIR, ARGS).
 	$(PY) -m trainer.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+evaluate: $(VENV)/.installed  ## Evaluate WORKDIR's latest checkpoint on held-out tasks (ARGS: --step=, --num_tasks=).
+	$(PY) -m trainer.evaluate --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed  ## Run the whole test suite.
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,7 +1,10 @@
-"""Where metrics go: `metrics.jsonl`, TensorBoard event files, and the terminal (process 0 only).
+"""Where metrics go: `metrics.jsonl`, TensorBoard event files, figures, and the terminal (process 0 only).
 
 `metrics.jsonl` holds one JSON object per logged step (`"step"` plus metric names); on resume, lines
-past the restored step are dropped so that no step is duplicated.
+past the restored step are dropped so that no step is duplicated. TensorBoard event files go to
+`<workdir>/tensorboard` (`tensorboard --logdir <workdir>` or the runs folder shows them), figures as
+images there and as PNG files in `<workdir>/figures`. On the terminal: a progress bar (steps, ETA, loss)
+when stdout is a terminal, plain log lines otherwise.
 """
 
 from __future__ import annotations
@@ -12,9 +15,35 @@ import os
 import sys
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
 
 NON_SCALAR = ("inner_iterations_max_per_device",)
+# TensorBoard groups charts by the part of the tag before "/".
+TIMING_METRICS = ("step_time_s", "tasks_per_s", "compile_time_s", "first_step_time_s", "eval_time_s")
+# jax.monitoring events whose durations add up to the time spent tracing, lowering and compiling.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def tensorboard_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tensorboard")
+
+
+def figures_dir(workdir: str) -> str:
+    return os.path.join(workdir, "figures")
+
+
+def tensorboard_tag(name: str) -> str:
+    """train/<name> for training scalars, inner/<...> for inner-solver health, perf/<...> for timings."""
+    if "/" in name:
+        return name
+    if name.startswith("inner_"):
+        return "inner/" + name[len("inner_"):]
+    if name in TIMING_METRICS:
+        return "perf/" + name
+    return "train/" + name
 
 
 def to_jsonable(value: Any) -> Any:
@@ -25,6 +54,14 @@ def to_jsonable(value: Any) -> Any:
             return str(item)  # JSON has no NaN/inf.
         return item
     return value.tolist()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
@@ -41,13 +78,80 @@ def truncate_jsonl(path: str, last_step: int) -> None:
         os.replace(tmp, path)
 
 
+def metric_series(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric over records (dicts with "step"); "nan"/"inf" strings become floats."""
+    steps, values = [], []
+    for record in records:
+        if name in record and np.ndim(record[name]) == 0:
+            steps.append(int(record["step"]))
+            values.append(float(record[name]))
+    return steps, values
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """The config as TensorBoard hparams: dotted names, sequences as strings."""
+    out = {}
+
+    def visit(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, (ml_collections.ConfigDict, dict)):
+                visit(value, f"{prefix}{key}.")
+            elif isinstance(value, (bool, int, float, str)):
+                out[f"{prefix}{key}"] = value
+            else:
+                out[f"{prefix}{key}"] = str(list(value) if isinstance(value, tuple) else value)
+
+    visit(config, "")
+    return out
+
+
+class CompileTimer:
+    """Seconds JAX spends tracing, lowering and compiling (persistent-cache reads included) while active.
+
+    Listens to `jax.monitoring` duration events, so it counts every jit compiled in this process while
+    started, and nothing else: dispatch and device time are excluded.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._active = False
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds += duration
+
+    def start(self) -> CompileTimer:
+        if not self._active:
+            jax.monitoring.register_event_duration_secs_listener(self._listener)
+            self._active = True
+        return self
+
+    def stop(self) -> float:
+        if self._active:
+            jax.monitoring.unregister_event_duration_listener(self._listener)
+            self._active = False
+        return self.seconds
+
+    def __enter__(self) -> CompileTimer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class MetricsWriter:
-    """Writes scalars to metrics.jsonl and TensorBoard, and a line (or a progress bar) to the terminal."""
+    """Writes scalars to metrics.jsonl and TensorBoard, figures, and lines or a progress bar to the terminal.
+
+    With `enabled=False` (every process but 0) it writes nothing anywhere.
+    """
 
     def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0, num_steps: int = 0,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, stream=None):
         self.enabled = enabled
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.resume_step = resume_step
+        self._stream = stream if stream is not None else sys.stdout
         self._tb = None
         self._bar = None
         if not enabled:
@@ -57,11 +161,13 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-        if sys.stdout.isatty() and num_steps:
+            # purge_step: TensorBoard hides events a previous, longer attempt wrote past the resumed step.
+            self._tb = SummaryWriter(logdir=tensorboard_dir(workdir), purge_step=resume_step + 1)
+        if num_steps and self._stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=num_steps, initial=resume_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=num_steps, initial=resume_step, unit="step", dynamic_ncols=True,
+                             file=self._stream, desc="meta-training")
 
     @property
     def tensorboard(self):
@@ -78,25 +184,75 @@ class MetricsWriter:
             for name, value in metrics.items():
                 value = np.asarray(value)
                 if value.ndim == 0 and name not in NON_SCALAR:
-                    tag = name if "/" in name else f"train/{name}"
-                    self._tb.add_scalar(tag, float(value), global_step=step)
+                    self._tb.add_scalar(tensorboard_tag(name), float(value), global_step=step)
             self._tb.flush()
+
+    def series(self, history: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a metric over the run: records logged up to the resumed step, then `history`."""
+        earlier = [r for r in read_jsonl(self.path) if r["step"] <= self.resume_step] if self.enabled else []
+        return metric_series(earlier + list(history), name)
+
+    def write_config(self, config: ml_collections.ConfigDict) -> None:
+        """The resolved config as a text panel (JSON indented so that TensorBoard's markdown keeps it)."""
+        if self._tb is None:
+            return
+        from trainer import config as config_lib
+
+        text = json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True)
+        self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), global_step=0)
+        self._tb.flush()
+
+    def write_hparams(self, config: ml_collections.ConfigDict, final_metrics: dict[str, float]) -> None:
+        """The config as hparams with the final held-out metrics, in this run (not a separate sub-run).
+
+        TensorBoard's HParams tab reads each metric's value from this run's scalar of the same tag,
+        which `write` logged at the last evaluation.
+        """
+        if self._tb is None:
+            return
+        from tensorboardX.summary import hparams
+
+        metrics = {k: float(v) for k, v in final_metrics.items() if np.ndim(v) == 0}
+        experiment, session_start, session_end = hparams(flat_hparams(config), metrics)
+        for summary in (experiment, session_start, session_end):
+            self._tb.file_writer.add_summary(summary)
+        self._tb.flush()
+
+    def write_figures(self, step: int, figures: dict[str, Any], directory: str | None = None) -> list[str]:
+        """Each figure as a TensorBoard image `figures/<name>` and as `<directory>/<name>_step_<step>.png`."""
+        if not self.enabled:
+            return []
+        from trainer import figures as figures_lib
+
+        directory = directory or figures_dir(self.workdir)
+        paths = []
+        for name, fig in figures.items():
+            rgba = figures_lib.render(fig)
+            paths.append(figures_lib.save_png(rgba, os.path.join(directory, f"{name}_step_{step}.png")))
+            if self._tb is not None:
+                self._tb.add_image(f"figures/{name}", rgba[..., :3], global_step=step, dataformats="HWC")
+        if self._tb is not None:
+            self._tb.flush()
+        return paths
 
     def progress(self, step: int, loss: float) -> None:
         if self._bar is not None:
-            self._bar.n = step
-            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=True)
+            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            self._bar.update(step - self._bar.n)  # update(), not n=: tqdm's rate and ETA follow update().
 
     def log(self, message: str) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.write(message)
+            self._bar.write(message, file=self._stream)
         else:
-            print(message, flush=True)
+            print(message, file=self._stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+

@@ -1,0 +1,194 @@
+"""Held-out evaluation of a run: `python -m trainer.evaluate --workdir=DIR [--num_tasks=N] [--step=S]`.
+
+Reads the config the run saved (`DIR/config.json`), restores the latest (or the given) checkpoint, scores
+every method of the evaluation (`evaluation.methods(family)`: METHODS for regression) on the same held-out
+tasks as training's evaluations (the first N of them: task i is drawn from fold_in(eval_key, i)), prints a
+table and writes `DIR/eval/step_<S>.json` (mean and 95% CI of each of the family's metrics per method) with
+the figures `DIR/eval/step_<S>_<name>.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from trainer import checkpointing, evaluation, monitoring, optim, train
+from trainer import config as config_lib
+from trainer import figures as figures_lib
+from trainer import model as model_lib
+from trainer import tasks as tasks_lib
+from trainer import train_step as train_step_lib
+
+DESCRIPTIONS = {
+    "adapted": "inner solve from the meta-learned theta (iMAML)",
+    "prior": "theta itself, no adaptation",
+    "zero": "predict 0",
+    "chance": "guess a class uniformly",
+    "scratch_prox": "inner solve with the same lambda around a random init",
+    "scratch": "lambda = 0 fit from a random init (no meta-learning)",
+}
+
+
+class EvaluationError(RuntimeError):
+    """The workdir cannot be evaluated: no saved config, no checkpoint, or no such step."""
+
+
+def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], source: str, prefix: str = "") -> None:
+    for key, value in saved.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+            _update(node[key], value, source, name + ".")
+            continue
+        if isinstance(value, list):
+            value = tuple(value)  # JSON has no tuples; the schema's sequences are tuples.
+        try:
+            node[key] = value  # Unknown keys are added here and reported by validate().
+        except (TypeError, ValueError) as e:
+            raise config_lib.ConfigError(
+                f"{source}: field '{name}' = {value!r} does not fit the schema: {e}") from e
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's resolved config: `default_config()` updated with `DIR/config.json`, then validated."""
+    path = checkpointing.config_path(workdir)
+    saved = checkpointing.read_config(workdir)
+    if saved is None:
+        raise EvaluationError(f"{path} does not exist: {workdir} is not a training workdir "
+                              "(train writes config.json when a run starts)")
+    config = config_lib.default_config()
+    _update(config, saved, path)
+    try:
+        return config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{path}: {e}") from e
+
+
+def restore_meta_params(workdir: str, config: ml_collections.ConfigDict, model,
+                        step: int | None) -> tuple[Any, int]:
+    """The meta-parameters of checkpoint `step` (the latest when None) and that step."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):  # Checked first: the Checkpointer would create the directory.
+        raise EvaluationError(f"no checkpoints in {workdir}: {directory} does not exist")
+    checkpointer = checkpointing.Checkpointer(workdir, config)
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise EvaluationError(f"no checkpoints in {directory} (training saves one every "
+                                  "checkpoint.every_steps and at the end)")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise EvaluationError(
+                f"no checkpoint of step {step} in {directory}; available steps: {sorted(steps)}")
+        keys = tasks_lib.split_keys(config.seed)
+        optimizer, _ = optim.make_optimizer(config)
+        template = jax.tree.map(np.asarray, train_step_lib.create_train_state(
+            model_lib.init_params(model, keys["init"]), optimizer, keys["train"]))
+        host_state = checkpointer.restore(step, template)
+    finally:
+        checkpointer.close()
+    return host_state.meta_params, int(step)
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The held-out metrics of every method, one row each: mean and 95% CI of each metric."""
+    metrics = record["metric_names"]
+    lines = [f"held-out query metrics at step {record['step']} over {record['num_tasks']} tasks "
+             "(mean and 95% CI):",
+             f"  {'method':<13}" + "".join(f" {m:>11} {'95% CI':>9}" for m in metrics) + "  description"]
+    for method, values in record["methods"].items():
+        cells = "".join(f" {values[m]['mean']:>11.5g} {values[m]['ci95']:>9.2g}" for m in metrics)
+        lines.append(f"  {method:<13}{cells}  {values['description']}")
+    summary = record["summary"]
+    lines.append(f"  inner solves of 'adapted' converged: {summary['eval/inner_converged_fraction']:.1%}")
+    return "\n".join(lines)
+
+
+def evaluate_workdir(workdir: str, *, step: int | None = None,
+                     num_tasks: int | None = None) -> dict[str, Any]:
+    """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
+    if not os.path.isdir(workdir):
+        raise EvaluationError(f"workdir {workdir} does not exist")
+    config = load_config(workdir)
+    if num_tasks is not None:
+        if num_tasks < 1:
+            raise EvaluationError(f"--num_tasks must be >= 1, got {num_tasks}")
+        config.eval.num_tasks = num_tasks
+    train.configure_jax(config)
+    model = model_lib.make_model(config)
+    meta_params, step = restore_meta_params(workdir, config, model, step)
+
+    evaluator = evaluation.Evaluator(config, model, tasks_lib.split_keys(config.seed)["eval"])
+    summary, outputs = evaluator(meta_params)
+    metric_names = tuple(evaluator.family.metric_names)
+
+    out_dir = os.path.join(workdir, "eval")
+    records = monitoring.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    records = [r for r in records if r["step"] <= step]
+    series = {name: monitoring.metric_series(records, name) for name in ("grad_norm", "query_loss")}
+    figure_paths = [
+        figures_lib.save_png(figures_lib.render(fig), os.path.join(out_dir, f"step_{step}_{name}.png"))
+        for name, fig in figures_lib.evaluation_figures(model, config, meta_params, outputs, series).items()]
+
+    record = {
+        "step": step,
+        "workdir": os.path.abspath(workdir),
+        "num_tasks": int(summary["eval/num_tasks"]),
+        "family": config.tasks.family,
+        "metric_names": list(metric_names),  # Of the query set of each held-out task; the first is reported.
+        "methods": {m: {"description": DESCRIPTIONS.get(m, ""),
+                        **{metric: {"mean": summary[f"eval/{m}_{metric}"],
+                                    "ci95": summary[f"eval/{m}_{metric}_ci95"]} for metric in metric_names}}
+                    for m in evaluator.methods},
+        "inner_converged_fraction": summary["eval/inner_converged_fraction"],
+        "figures": figure_paths,
+        "summary": summary,
+    }
+    path = os.path.join(out_dir, f"step_{step}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+    record["path"] = path
+    return record
+
+
+def define_flags() -> None:
+    """Defined on use, not at import: tests import this module beside trainer.main (same flag names)."""
+    flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+    flags.DEFINE_integer("num_tasks", None, "Held-out tasks to evaluate on (default: eval.num_tasks).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO.
+    FLAGS = flags.FLAGS
+    try:
+        record = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
+    except (EvaluationError, config_lib.ConfigError, checkpointing.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(record))
+    print(f"wrote {record['path']}")
+    for path in record["figures"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
