@@ -1,0 +1,248 @@
+"""Multi-process runs on 127.0.0.1: trainer/distributed.py, launch/local.py, and the trainer under them.
+
+The `multiprocess` tests start real processes (jax.distributed with gloo on CPU); the others check the
+settings logic and the launcher's helpers without JAX's runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from launch import local as launcher
+from tests import helpers
+from trainer import distributed, monitoring
+
+NUM_STEPS = 3
+# Well-conditioned and converged (lambda = 1, tight inner tolerance, tight CG), so that the only difference
+# between layouts is the order of the cross-device sums.
+TRAIN_FLAGS = ["--config=configs/smoke.py", f"--config.train.num_steps={NUM_STEPS}",
+               "--config.inner.l2reg=1.0", "--config.inner.tol=1e-10", "--config.inner.maxiter=500",
+               "--config.meta_grad.solver_tol=1e-12", "--config.meta_grad.solver_maxiter=200",
+               "--config.eval.every_steps=0", "--config.eval.num_tasks=2",
+               "--config.checkpoint.every_steps=0", "--config.logging.every_steps=1"]
+
+
+def _start_launcher(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(helpers.REPO, "launch", "local.py"), *args],
+                            cwd=helpers.REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stops a launcher the way a user would (SIGTERM: it stops its processes too), then for sure."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _final_state(workdir: str, step: int) -> dict:
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def _metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _event_files(workdir: str) -> list[str]:
+    found = []
+    for root, _, files in os.walk(os.path.join(workdir, "tensorboard")):
+        found += [os.path.join(root, f) for f in files if f.startswith("events.out.tfevents")]
+    return found
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+    one_dir, two_dir = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
+    # Both runs at once: XLA compiles on one core per process, so three processes share two cores better.
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:  # A file, not a pipe: nobody reads it while the reference runs.
+        launcher_proc = _start_launcher(["--num_processes", "2", "--devices_per_process", "2", "--",
+                                         *TRAIN_FLAGS, f"--workdir={two_dir}"], log)
+        try:
+            one = helpers.run_cli([*TRAIN_FLAGS, f"--workdir={one_dir}"], num_devices=4)
+            launcher_proc.wait(timeout=600)
+        finally:
+            _stop(launcher_proc)
+    two_output = log_path.read_text()
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert launcher_proc.returncode == 0, two_output
+    assert "launch: all 2 processes finished" in two_output
+    assert "on 4 device(s)" in two_output  # One global mesh over both processes' devices.
+
+    one_metrics, two_metrics = _metrics(one_dir), _metrics(two_dir)
+    # Only process 0 writes: each step once (two writers would duplicate every line), one event file.
+    assert [m["step"] for m in two_metrics] == list(range(1, NUM_STEPS + 1))
+    assert len(_event_files(two_dir)) == len(_event_files(one_dir)) == 1
+    # tensorboardX names event files by time and host only, so two writers could share one file: count events.
+    events = EventAccumulator(monitoring.tensorboard_dir(two_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tag = monitoring.tensorboard_tag("query_loss")
+    assert [e.step for e in events.Scalars(tag)] == list(range(1, NUM_STEPS + 1))
+    assert not any(line.startswith("[process 1] step") for line in two_output.splitlines())
+    for m in one_metrics + two_metrics:
+        assert m["inner_converged_fraction"] == 1.0, m  # Otherwise roundoff is amplified (PITFALLS.md).
+
+    one_state, two_state = _final_state(one_dir, NUM_STEPS), _final_state(two_dir, NUM_STEPS)
+    assert int(one_state["step"]) == int(two_state["step"]) == NUM_STEPS
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.float64(a) - np.float64(b)))),
+                         one_state, two_state)
+    max_diff = max(jax.tree.leaves(diffs))
+    print(f"max |state(2 processes x 2 devices) - state(1 process x 4 devices)| = {max_diff:.3g}")
+    assert max_diff <= 1e-10, diffs
+    # The comparison is not vacuous: training moved the parameters.
+    assert all(m["update_norm"] > 1e-4 for m in two_metrics)
+    np.testing.assert_allclose([m["query_loss"] for m in two_metrics],
+                               [m["query_loss"] for m in one_metrics], rtol=1e-10)
+
+
+@pytest.mark.multiprocess
+def test_launcher_names_the_killed_process_and_stops_the_others(tmp_path):
+    cmd = [sys.executable, "-u", os.path.join(helpers.REPO, "launch", "local.py"), "--num_processes", "2",
+           "--devices_per_process", "1", "--grace_s", "5", "--", "--config=configs/smoke.py",
+           f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    pids: dict[int, int] = {}
+    killed = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("launch: process ") and " pid " in line:
+                words = line.split()
+                pids[int(words[2])] = int(words[4])
+            # Kill process 1 once both processes have joined the run and the trainer has started.
+            if "[process 0] training" in line and not killed.is_set():
+                os.kill(pids[1], signal.SIGKILL)
+                killed.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        returncode = proc.wait(timeout=300)  # A hang here (survivors never stopped) fails the test.
+    finally:
+        _stop(proc)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert killed.is_set(), output
+    assert returncode == 128 + signal.SIGKILL, output
+    assert f"launch: process 1 (pid {pids[1]}) was killed by SIGKILL; terminating process(es) 0" in output
+    for pid in pids.values():  # Every process is gone.
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _trainer_process(process_id: int, port: int, workdir: str, extra: list[str]) -> subprocess.Popen:
+    env = launcher.process_env(dict(os.environ), "cpu", process_id, 1)
+    cmd = [sys.executable, "-m", "trainer.main", "--config=configs/smoke.py", f"--workdir={workdir}",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
+           *extra]
+    return subprocess.Popen(cmd, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.multiprocess
+def test_survivor_exits_on_its_own_after_the_heartbeat_timeout(tmp_path):
+    """Without a launcher to stop it, process 0 must not hang when process 1 dies."""
+    port = launcher.free_port()
+    extra = ["--heartbeat_timeout_s=5", "--config.train.num_steps=100000"]
+    survivor = _trainer_process(0, port, str(tmp_path), extra)
+    victim = _trainer_process(1, port, str(tmp_path), extra)
+    lines = []
+    try:
+        for line in survivor.stdout:  # Until both have joined the run and the trainer started.
+            lines.append(line)
+            if line.startswith("training "):
+                break
+        victim.kill()
+        victim.wait(timeout=30)
+        started = time.monotonic()
+        lines += survivor.stdout.readlines()  # EOF when the survivor exits.
+        returncode = survivor.wait(timeout=120)  # The default heartbeat timeout (100 s) would fail here.
+        waited = time.monotonic() - started
+    finally:
+        for p in (survivor, victim):
+            if p.poll() is None:
+                p.kill()
+    output = "".join(lines)
+    print(f"survivor exited {waited:.1f} s after process 1 was killed (heartbeat timeout 5 s)")
+    assert returncode != 0, output
+    assert "another task died" in output, output
+
+
+@pytest.mark.multiprocess
+def test_unreachable_coordinator_fails_with_a_clear_message(tmp_path):
+    port = launcher.free_port()  # Nobody listens there.
+    proc = _trainer_process(1, port, str(tmp_path), ["--distributed_timeout_s=2"])
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, output
+    assert f"could not reach the coordinator (process 0) at 127.0.0.1:{port} within 2 s" in output, output
+
+
+# --- Settings and launcher helpers (no processes started) ---
+
+NO_CLUSTER = (None, None)
+
+
+def test_single_process_without_settings_or_cluster():
+    assert distributed.resolve(environ={}, cluster=NO_CLUSTER) is None
+    assert distributed.resolve(num_processes=1, environ={}, cluster=NO_CLUSTER) is None
+    assert distributed.resolve(environ={}, cluster=("slurm", 1)) is None  # A one-task SLURM job.
+
+
+def test_explicit_settings_from_flags_or_environment():
+    flags = distributed.resolve("10.0.0.1:1234", 4, 3, environ={}, cluster=NO_CLUSTER)
+    assert flags == distributed.Settings("10.0.0.1:1234", 4, 3, None)
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed.resolve(environ=env, cluster=NO_CLUSTER) == flags
+    assert distributed.resolve(process_id=0, environ=env, cluster=NO_CLUSTER).process_id == 0  # Flags win.
+
+
+def test_cluster_fills_in_what_is_not_given():
+    auto = distributed.resolve(environ={}, cluster=("slurm", 8))
+    assert auto == distributed.Settings(None, None, None, "slurm")
+    partial = distributed.resolve(coordinator_address="node1:1234", environ={}, cluster=("slurm", 8))
+    assert partial == distributed.Settings("node1:1234", None, None, "slurm")
+
+
+@pytest.mark.parametrize("kwargs, environ, message", [
+    (dict(coordinator_address="h:1"), {}, "missing --num_processes (or JAX_NUM_PROCESSES), --process_id"),
+    (dict(num_processes=2, process_id=0), {}, "missing --coordinator_address"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2), {}, "0 <= process_id < num_processes"),
+    (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), {}, "expected HOST:PORT"),
+    (dict(coordinator_address="h:1", process_id=0), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two'"),
+])
+def test_bad_settings_name_the_setting(kwargs, environ, message):
+    with pytest.raises(distributed.DistributedError, match=re.escape(message)):
+        distributed.resolve(**kwargs, environ=environ, cluster=NO_CLUSTER)
+
+
+def test_launcher_gives_each_process_its_own_devices():
+    base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false"}
+    env = launcher.process_env(base, "cpu", 1, 2)
+    assert env["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
+                                        "--xla_force_host_platform_device_count=2"]
+    assert env["JAX_PLATFORMS"] == "cpu"
+    gpu_env = launcher.process_env({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "gpu", 1, 2)
+    assert gpu_env["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert launcher.process_env({}, "gpu", 1, 2)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert launcher.describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+    assert launcher.describe_exit(3) == "exited with code 3"

@@ -1,0 +1,233 @@
+"""Start-up of JAX's multi-controller runtime: one Python process per host (or per GPU).
+
+`initialize()` calls `jax.distributed.initialize` when the run has several processes: under a cluster JAX
+recognises (SLURM, Cloud TPU pod, Open MPI, Kubernetes) or when the coordinator address, the number of
+processes and this process's id are given (flags or the environment variables below). A single-process run
+skips it. It must run before anything touches JAX devices.
+
+Failure behaviour (measured with jax 0.10.2 on CPU): when a process dies, the coordination service notices
+the missing heartbeats and terminates every other process with "Terminating process because the JAX
+distributed service detected fatal errors ... another task died" within `heartbeat_timeout_s`; when process 0
+(the coordinator) dies, the others terminate at once. A coordinator that never comes up ends the other
+processes after `timeout_s` with a DistributedError (checked here, before JAX aborts the process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+
+# Environment variables equivalent to the CLI flags (JAX itself reads JAX_COORDINATOR_ADDRESS too).
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+_timeout_s: float = 300.0  # Set by initialize(); the default wait of barrier().
+_barrier_count = 0
+
+
+class DistributedError(RuntimeError):
+    """The multi-process runtime cannot start: bad settings, or the coordinator is unreachable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How this process joins the run; None fields are filled in by JAX from the detected cluster."""
+
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    cluster: str | None  # Name of the cluster environment JAX detected ("slurm", "gcetpu", ...), if any.
+
+
+def detect_cluster() -> tuple[str | None, int | None]:
+    """The cluster environment JAX's auto-detection would use, and its process count (None, None if none).
+
+    Uses the same registry and order as `jax.distributed.initialize` (opt-in methods such as mpi4py excluded).
+    """
+    try:
+        # Private, but the only way to ask JAX what it would detect (jax is pinned <0.11).
+        from jax._src import clusters
+    except ImportError:  # pragma: no cover - layout changed in a newer jax
+        return None, None
+    for env in clusters.ClusterEnv._cluster_types:
+        if env.opt_in_only_method or not env.is_env_present():
+            continue
+        try:
+            count = env.get_process_count()
+        except Exception:  # Some environments only know their size after initialisation.
+            count = None
+        return env.name or env.__name__, count
+    return None, None
+
+
+def _int_setting(value: int | None, env_name: str, environ: Mapping[str, str], flag: str) -> int | None:
+    if value is not None:
+        return value
+    raw = environ.get(env_name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(
+            f"environment variable {env_name}={raw!r} (or --{flag}) must be an integer") from None
+
+
+def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
+            process_id: int | None = None, environ: Mapping[str, str] | None = None,
+            cluster: tuple[str | None, int | None] | None = None) -> Settings | None:
+    """Decides whether this is a multi-process run (None: single process). Arguments win over the environment.
+
+    Raises DistributedError naming the missing or invalid setting.
+    """
+    environ = os.environ if environ is None else environ
+    address = coordinator_address or environ.get(ENV_COORDINATOR) or None
+    count = _int_setting(num_processes, ENV_NUM_PROCESSES, environ, "num_processes")
+    pid = _int_setting(process_id, ENV_PROCESS_ID, environ, "process_id")
+    cluster_name, cluster_count = detect_cluster() if cluster is None else cluster
+    if count == 1:
+        return None
+    given = {"coordinator_address": address, "num_processes": count, "process_id": pid}
+    if all(v is None for v in given.values()):
+        if cluster_name is None or cluster_count == 1:
+            return None
+        return Settings(None, None, None, cluster_name)
+    if cluster_name is None:
+        env_names = {"coordinator_address": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES,
+                     "process_id": ENV_PROCESS_ID}
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            flags_text = ", ".join(f"--{m} (or {env_names[m]})" for m in missing)
+            raise DistributedError(
+                f"multi-process settings are incomplete: missing {flags_text}; no cluster environment "
+                "(SLURM, TPU pod, Open MPI, Kubernetes) was detected to fill them in")
+    if count is not None and count < 1:
+        raise DistributedError(f"--num_processes = {count}: expected an integer >= 1")
+    if pid is not None and (pid < 0 or (count is not None and pid >= count)):
+        raise DistributedError(f"--process_id = {pid}: expected 0 <= process_id < num_processes ({count})")
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise DistributedError(
+                f"--coordinator_address = {address!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+    return Settings(address, count, pid, cluster_name)
+
+
+def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.25) -> None:
+    """Blocks until a TCP connection to the coordinator succeeds; DistributedError after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    last_error: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(poll_s, 1.0)):
+                return
+        except OSError as e:
+            last_error = e
+        if time.monotonic() >= deadline:
+            raise DistributedError(
+                f"could not reach the coordinator (process 0) at {address} within {timeout_s:g} s "
+                f"({last_error}); check that process 0 is running and the address is right, or raise "
+                "--distributed_timeout_s")
+        time.sleep(poll_s)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = 300,
+               heartbeat_timeout_s: int = 100) -> bool:
+    """Joins the multi-process run if there is one; returns True if `jax.distributed` was initialised.
+
+    Args:
+      timeout_s: how long to wait for the coordinator and for all processes to connect; also how long a
+        finishing process waits for the others at shutdown.
+      heartbeat_timeout_s: after this long without heartbeats a process is declared dead and all the others
+        are terminated (so a crash never leaves the survivors hanging in a collective).
+    """
+    global _timeout_s
+    settings = resolve(coordinator_address, num_processes, process_id)
+    if settings is None:
+        return False
+    _timeout_s = float(timeout_s)
+    if jax.distributed.is_initialized():
+        return True
+    # Cross-process collectives on CPU: gloo is jax 0.10's default; set it in case a user switched it off.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = settings.cluster or "explicit settings"
+    print(f"[distributed] process {settings.process_id if settings.process_id is not None else '?'} of "
+          f"{settings.num_processes or '?'} ({where}): connecting to coordinator "
+          f"{settings.coordinator_address or '(auto)'}, timeout {timeout_s} s", file=sys.stderr, flush=True)
+    if settings.coordinator_address is not None and settings.process_id not in (None, 0):
+        # JAX aborts the process (no Python exception) when the coordinator is unreachable; check first.
+        wait_for_coordinator(settings.coordinator_address, timeout_s)
+    try:
+        jax.distributed.initialize(coordinator_address=settings.coordinator_address,
+                                   num_processes=settings.num_processes, process_id=settings.process_id,
+                                   initialization_timeout=int(timeout_s),
+                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                                   shutdown_timeout_seconds=int(timeout_s))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise DistributedError(f"jax.distributed.initialize failed ({where}): {e}") from e
+    return True
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
+    """Waits until every process reaches the barrier `name` (a no-op for one process).
+
+    Uses the coordination service, not a device collective, so it works before any collective has run.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # The client's barrier has no public wrapper.
+
+    global _barrier_count
+    _barrier_count += 1
+    timeout_s = _timeout_s if timeout_s is None else timeout_s
+    try:
+        jax_distributed.global_state.client.wait_at_barrier(f"imaml:{_barrier_count}:{name}",
+                                                            int(timeout_s * 1000))
+    except Exception as e:  # jaxlib raises its own runtime error type.
+        raise DistributedError(
+            f"process {jax.process_index()}: not every process reached '{name}' within {timeout_s:g} s "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another process is slow or "
+            "died (see its log), or raise --distributed_timeout_s") from e
+
+
+class SynchronizedFirstCall:
+    """Wraps a jitted step: its first call compiles on every process, then all meet at a barrier and run it.
+
+    Why: on CPU, gloo creates a communicator at the first collective and gives up when the processes arrive
+    more than 30 s apart (hard-coded in jaxlib 0.10.2: "Gloo context initialization failed: GetKeyValue()
+    timed out"). Compile times differ across processes, e.g. when only process 0 finds the step in the
+    persistent compilation cache (only process 0 writes it). Later calls are not delayed (the communicator
+    is reused; a 45 s skew at the second collective was fine).
+    """
+
+    def __init__(self, fn, name: str):
+        self._fn = fn
+        self._name = name
+        self._synchronized = False
+
+    def __call__(self, *args):
+        if not self._synchronized:
+            self._fn.lower(*args).compile()  # Cached: the call below reuses this executable.
+            barrier(f"{self._name} compiled")
+            self._synchronized = True
+        return self._fn(*args)
+
+    def __getattr__(self, attr):
+        return getattr(self._fn, attr)
+
+
+def synchronize_first_call(fn, name: str):
+    """`fn` itself for a single process; else a SynchronizedFirstCall around it."""
+    return fn if jax.process_count() == 1 else SynchronizedFirstCall(fn, name)
