@@ -1,0 +1,153 @@
+"""Section 2: the project's sharded step on 1, 2, 4, 8 devices at a fixed meta-batch (strong scaling).
+
+The device count of a JAX process is fixed when JAX starts, so each count runs in its own subprocess
+(`python -m bench.scaling`): simulated CPU devices via XLA_FLAGS=--xla_force_host_platform_device_count=N,
+and, on a machine with accelerators, the first N of its real devices. Efficiency = t_1 / (N t_N).
+Simulated CPU devices share the machine's cores: with more devices than cores they cannot run in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def _settings_json(settings) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def _worker_env(platform: str, num_devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).split()
+    if platform == "cpu":
+        flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+        env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_worker(
+    settings, platform: str, num_devices: int, compile_cache: bool, timeout_s: float = 900
+) -> dict[str, Any]:
+    """One device count in a subprocess; a row with an `error` when it fails."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.scaling",
+        "--platform",
+        platform,
+        "--devices",
+        str(num_devices),
+        "--settings",
+        _settings_json(settings),
+    ] + ([] if compile_cache else ["--no-compile-cache"])
+    row: dict[str, Any] = dict(platform=platform, devices=num_devices)
+    try:
+        proc = subprocess.run(
+            command,
+            cwd=REPO,
+            env=_worker_env(platform, num_devices),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout_s:.0f} s"}
+    results = [
+        line[len(RESULT_PREFIX) :] for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)
+    ]
+    if proc.returncode != 0 or not results:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {**row, "error": f"exit status {proc.returncode}: {tail[0][:300]}"}
+    return {**row, **json.loads(results[-1])}
+
+
+def run(settings, platforms: dict[str, int], compile_cache: bool, log=print) -> dict[str, Any]:
+    """`platforms` maps a platform to its available device count (cpu: simulated, any count)."""
+    rows = []
+    for platform, available in platforms.items():
+        counts = [n for n in settings.scaling_devices if n <= available and settings.scaling_batch % n == 0]
+        base = None
+        for n in counts:
+            row = run_worker(settings, platform, n, compile_cache)
+            if "error" not in row:
+                base = base or row["step_s"]["median"] * row["devices"]
+                row["efficiency"] = base / (row["devices"] * row["step_s"]["median"])
+                row["tasks_per_s"] = settings.scaling_batch / row["step_s"]["median"]
+                median, efficiency = row["step_s"]["median"], row["efficiency"]
+                log(f"  {platform} x{n}: step {median:.3f} s, efficiency {efficiency:.2f}")
+            else:
+                log(f"  {platform} x{n}: {row['error']}")
+            rows.append(row)
+    return dict(meta_batch=settings.scaling_batch, rows=rows)
+
+
+def _worker_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One device count of the scaling benchmark (bench/run.py).")
+    parser.add_argument("--platform", required=True)
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--settings", required=True, help="bench.settings.Settings as JSON")
+    parser.add_argument("--no-compile-cache", action="store_true")
+    args = parser.parse_args(argv)
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+    import jax
+
+    from bench.settings import Problem, Settings, make_config
+    from bench.timing import compile_timed, time_calls
+    from trainer import meta_grad as meta_grad_lib
+    from trainer import parallel
+
+    if args.no_compile_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.settings).items()}
+    settings = Settings(**fields)
+    config = make_config(
+        settings,
+        train__meta_batch_size=settings.scaling_batch,
+        parallel__backend="shard_map",
+        parallel__num_devices=args.devices,
+    )
+    jax.config.update("jax_enable_x64", config.model.dtype == "float64")
+    problem = Problem.create(config)
+    backend = parallel.make_backend(
+        config, meta_grad_lib.make_task_meta_grad(config, problem.model), problem.optimizer, problem.dtype
+    )
+    host_state = problem.host_state()
+    task_batch = backend.sample_tasks(problem.task_key, 0)
+    compiled, compile_s = compile_timed(backend.step, backend.put_state(host_state), task_batch)
+    timing, (_, metrics) = time_calls(
+        compiled,
+        lambda: (backend.put_state(host_state), task_batch),
+        reps=settings.reps,
+        budget_s=settings.budget_s,
+    )
+    print(
+        RESULT_PREFIX
+        + json.dumps(
+            dict(
+                compile_s=compile_s,
+                step_s=timing.to_json(),
+                device_kind=jax.devices()[0].device_kind,
+                visible_devices=jax.device_count(),
+                inner_iterations_max=float(metrics["inner_iterations_max"]),
+            )
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -1,0 +1,111 @@
+"""`python -m bench.run --quick` end to end: the table and the JSON are written, and their numbers make sense.
+
+No timing is asserted (the machine may be loaded); only what is deterministic: memory analysis, relative
+errors against the exact meta-gradient, and which measurements were run.
+"""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = helpers.REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out-dir", str(out_dir)],
+        cwd=helpers.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (md_path,) = glob.glob(str(out_dir / "*-quick.md"))
+    (json_path,) = glob.glob(str(out_dir / "*-quick.json"))
+    with open(md_path) as f:
+        table = f.read()
+    with open(json_path) as f:
+        results = json.load(f)
+    return proc.stdout, table, results
+
+
+@pytest.mark.slow
+def test_quick_writes_the_table_to_stdout_and_results(quick_run):
+    stdout, table, results = quick_run
+    assert table.strip() == stdout.strip()
+    for heading in ("## 1. Throughput", "## 2. Scaling", "## 3. Memory", "## 4. Meta-gradient estimators"):
+        assert heading in table
+    assert results["mode"] == "quick"
+    machine = results["machine"]
+    assert machine["cpu_cores"] >= 1 and machine["jax"] and machine["platform"]
+    assert set(results["sections"]) == {"throughput", "scaling", "memory", "accuracy"}
+
+
+@pytest.mark.slow
+def test_quick_throughput_caps_the_notebook_loop(quick_run):
+    _, table, results = quick_run
+    rows = {row["num_tasks"]: row for row in results["sections"]["throughput"]["rows"]}
+    assert rows[2]["notebook"] is not None and rows[2]["speedup"]["lax.map"] > 0
+    assert rows[4]["notebook"] is None  # Above --baseline-max-tasks: reported, not run.
+    assert "not run: compile time" in table
+    for row in rows.values():
+        step = row["project"]["lax.map"]["step_s"]
+        assert 0 < step["min"] <= step["median"] <= step["max"] and len(step["samples"]) >= 2
+    # Same tasks, same L-BFGS settings: both formulations' inner solves take the same iterations.
+    notebook, project = rows[2]["notebook"], rows[2]["project"]["lax.map"]
+    assert notebook["inner_iterations_mean"] == project["inner_iterations_mean"]
+
+
+@pytest.mark.slow
+def test_quick_scaling_ran_each_device_count_in_a_subprocess(quick_run):
+    _, _, results = quick_run
+    rows = results["sections"]["scaling"]["rows"]
+    assert [(r["platform"], r["devices"]) for r in rows] == [("cpu", 1), ("cpu", 2)]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["visible_devices"] == row["devices"]
+    assert rows[0]["efficiency"] == 1.0
+
+
+@pytest.mark.slow
+def test_quick_memory_is_flat_for_implicit_and_grows_for_unrolled(quick_run):
+    _, _, results = quick_run
+    temp = {(r["estimator"], r["maxiter"]): r["temp_bytes"] for r in results["sections"]["memory"]["rows"]}
+    assert temp["implicit", 5] == temp["implicit", 20]
+    assert temp["unrolled", 20] > 2 * temp["unrolled", 5]
+
+
+@pytest.mark.slow
+def test_quick_estimator_errors_against_the_exact_meta_gradient(quick_run):
+    _, _, results = quick_run
+    accuracy = results["sections"]["accuracy"]
+    assert accuracy["reference_residual_max"] <= accuracy["reference_tol"]
+    errors = {row["key"]: row["rel_error_of_mean"] for row in accuracy["rows"]}
+    assert set(errors) == {"implicit_default", "implicit_cg1", "first_order", "unrolled", "notebook"}
+    assert all(math.isfinite(e) for e in errors.values())
+    # Both formulations compute the implicit meta-gradient: close to the exact one (the quick run's inner
+    # solves stop at 30 iterations, hence not closer), and much closer than one CG iteration or first order.
+    assert errors["implicit_default"] < 0.05 and errors["notebook"] < 0.05
+    assert errors["implicit_cg1"] > 5 * errors["implicit_default"]
+    assert errors["first_order"] > 5 * errors["implicit_default"]
+
+
+def test_bad_arguments_are_rejected_with_the_allowed_values(capsys):
+    from bench import run
+
+    with pytest.raises(SystemExit):
+        run.parse_args(["--sections", "throughput,speed"])
+    assert "expected some of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.parse_args(["--task-counts", "4,0"])
+    assert "positive integers" in capsys.readouterr().err
