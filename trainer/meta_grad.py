@@ -15,7 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.flatten_util import ravel_pytree
 
+from trainer import families as families_lib
 from trainer import inner_solver as inner_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
@@ -24,8 +26,24 @@ Params = Any
 TaskMetaGrad = Callable[[Params, tasks_lib.TaskBatch], tuple[Params, dict[str, jax.Array]]]
 
 
-def support_loss_fn(model) -> Callable[[Params, Any], jax.Array]:
-    return lambda params, data: model_lib.mse_loss(model, params, *data)
+def support_loss_fn(model, loss=model_lib.mse_loss) -> Callable[[Params, Any], jax.Array]:
+    """(params, (x, y)) -> the per-task `loss(model, params, x, y)` (a family's loss; MSE by default)."""
+    return lambda params, data: loss(model, params, *data)
+
+
+def _leading_batch_dims(linear_solve: Callable) -> Callable:
+    """Works around a jax 0.10.2 vmap bug in the jax.scipy iterative solvers jaxopt calls.
+
+    They `device_put` the right-hand side, whose batching rule asserts that every leaf is batched along the
+    same axis; under vmap a conv kernel's gradient is batched along another axis than the biases', so the
+    solve failed with `AssertionError: (0, 3, 0, 3, ...)`. A ravel/unravel round trip (an exact copy) moves
+    every batch axis to the front.
+    """
+    def solve(matvec, b, **kwargs):
+        flat, unravel = ravel_pytree(b)
+        return linear_solve(matvec, unravel(flat), **kwargs)
+
+    return solve
 
 
 def make_inner_solver(config: ml_collections.ConfigDict, differentiable: bool = True) -> inner_lib.InnerSolver:
@@ -37,41 +55,60 @@ def make_inner_solver(config: ml_collections.ConfigDict, differentiable: bool = 
     linear_solve = None
     if differentiable and mg.estimator == "implicit":
         linear_solve = inner_lib.make_linear_solve(mg.linear_solver, mg.solver_tol, mg.solver_maxiter)
+        if config.tasks.family != "sinusoid":  # MLP leaves are all batched along axis 0: its program as it was.
+            linear_solve = _leading_batch_dims(linear_solve)
     return inner_lib.LBFGSSolver(maxiter=inner.maxiter, tol=inner.tol, history_size=inner.history_size,
                                  linesearch=inner.linesearch, maxls=inner.maxls, linear_solve=linear_solve)
 
 
-def make_task_meta_grad(config: ml_collections.ConfigDict, model) -> TaskMetaGrad:
-    """(meta_params, one task) -> (meta-gradient, per-task metrics). vmap it over tasks."""
-    problem = inner_lib.InnerProblem(loss=support_loss_fn(model), l2reg=config.inner.l2reg)
+def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -> TaskMetaGrad:
+    """(meta_params, one task) -> (meta-gradient, per-task metrics). vmap it over tasks.
+
+    The loss is the family's (`families.get_family(config)` unless given); its extra per-task metrics
+    (e.g. accuracy) are reported on the query and support sets as query_<name> and support_<name>.
+    """
+    family = family or families_lib.get_family(config)
+    problem = inner_lib.InnerProblem(loss=support_loss_fn(model, family.loss), l2reg=config.inner.l2reg)
     solver = make_inner_solver(config)
     first_order = config.meta_grad.estimator == "first_order"
 
     def meta_loss(meta_params, task):
         support, query = tasks_lib.support(task), tasks_lib.query(task)
         inner_params, stats = solver.solve(problem, meta_params, meta_params, support)
-        query_loss = model_lib.mse_loss(model, inner_params, *query)
+        query_loss = family.loss(model, inner_params, *query)
         return query_loss, (inner_params, stats)
 
     def task_meta_grad(meta_params, task):
         if first_order:
             query_loss, (inner_params, stats) = meta_loss(meta_params, task)
-            grad = jax.grad(lambda x: model_lib.mse_loss(model, x, *tasks_lib.query(task)))(inner_params)
+            grad = jax.grad(lambda x: family.loss(model, x, *tasks_lib.query(task)))(inner_params)
         else:
             (query_loss, (inner_params, stats)), grad = jax.value_and_grad(meta_loss, has_aux=True)(
                 meta_params, task)
         metrics = dict(
             query_loss=query_loss,
-            support_loss=model_lib.mse_loss(model, inner_params, *tasks_lib.support(task)),
+            support_loss=family.loss(model, inner_params, *tasks_lib.support(task)),
             inner_iterations=stats.iterations.astype(jnp.float32),
             inner_residual=stats.residual,
             inner_converged=stats.converged.astype(jnp.float32),
         )
+        for split, (x, y) in (("query", tasks_lib.query(task)), ("support", tasks_lib.support(task))):
+            for name, value in family.task_metrics(model, inner_params, x, y).items():
+                metrics[f"{split}_{name}"] = value
         return grad, metrics
 
+    task_meta_grad.vmap_tasks = config.parallel.vmap_tasks  # Read by batch_meta_grad.
     return task_meta_grad
 
 
+def map_tasks(fn: Callable, vmap_tasks: bool, *batched) -> Any:
+    """fn over the leading task axis of `batched`: vmapped, or one task after another with lax.map."""
+    if vmap_tasks:
+        return jax.vmap(fn)(*batched)
+    return jax.lax.map(lambda args: fn(*args), batched)
+
+
 def batch_meta_grad(task_meta_grad: TaskMetaGrad, meta_params: Params, task_batch) -> tuple[Params, dict]:
-    """vmap over the leading task axis: per-task gradients [T, ...] and metrics [T]."""
-    return jax.vmap(task_meta_grad, in_axes=(None, 0))(meta_params, task_batch)
+    """Over the leading task axis (vmapped unless parallel.vmap_tasks is False): grads [T, ...], metrics [T]."""
+    vmap_tasks = getattr(task_meta_grad, "vmap_tasks", True)
+    return map_tasks(lambda task: task_meta_grad(meta_params, task), vmap_tasks, task_batch)

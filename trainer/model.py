@@ -1,4 +1,4 @@
-"""The regression model (a flax MLP) and the per-task losses built on it."""
+"""The models (a flax MLP for regression, a conv net for classification) and the losses built on them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": nn.swish,
@@ -35,21 +36,81 @@ class MLP(nn.Module):
         return x_BxD
 
 
+class ConvNet(nn.Module):
+    """The MAML/iMAML few-shot classifier: `num_blocks` x [3x3 conv, stride 2; normalization; activation],
+    the mean over the remaining spatial positions, then a linear head of `num_classes` logits.
+
+    With 4 blocks of 64 filters on 28x28 images this is MAML's Omniglot network. Normalization is never
+    batch norm with running statistics (state outside the parameters breaks the inner argmin):
+      "layer"  statistics of each image over height, width and channels (per-channel scale and bias), so an
+               image's logits do not depend on the other images of the batch (the default);
+      "batch"  statistics over the current batch and spatial positions, without running averages (MAML's
+               transductive batch norm: predictions depend on the batch they are made in);
+      "none"   no normalization.
+    """
+
+    num_classes: int
+    width: int = 64
+    num_blocks: int = 4
+    normalization: str = "layer"
+    activation: str = "relu"
+    image_size: int = 28
+    dtype: Any = jnp.float32
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.image_size, self.image_size, 1)
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        x = x_BxHxWxC
+        for i in range(self.num_blocks):
+            x = nn.Conv(self.width, (3, 3), strides=2, padding="SAME", name=f"conv_{i}", dtype=self.dtype,
+                        param_dtype=self.dtype)(x)
+            if self.normalization != "none":
+                # LayerNorm over the given axes with per-channel scale and bias; axis 0 (the batch) is
+                # included for "batch".
+                axes = (-3, -2, -1) if self.normalization == "layer" else (0, 1, 2)
+                x = nn.LayerNorm(reduction_axes=axes, feature_axes=-1, name=f"norm_{i}", dtype=self.dtype,
+                                 param_dtype=self.dtype)(x)
+            x = act(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head", dtype=self.dtype, param_dtype=self.dtype)(x)
+
+
 def dtype_of(config: ml_collections.ConfigDict) -> Any:
     return jnp.float64 if config.model.dtype == "float64" else jnp.float32
 
 
-def make_model(config: ml_collections.ConfigDict) -> MLP:
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The MLP for regression families, the conv net (one logit per way) for omniglot."""
+    if config.tasks.family == "omniglot":
+        return ConvNet(num_classes=config.tasks.num_ways, width=config.model.conv_width,
+                       num_blocks=config.model.conv_blocks, normalization=config.model.normalization,
+                       activation=config.model.activation, image_size=config.tasks.image_size,
+                       dtype=dtype_of(config))
     return MLP(features=tuple(config.model.hidden_sizes) + (1,), activation=config.model.activation,
                dtype=dtype_of(config))
 
 
 def init_params(model: nn.Module, key: jax.Array, input_dim: int = 1) -> Any:
-    """Parameters of `model` for inputs of `input_dim` features."""
+    """Parameters of `model` for one input of its `input_shape` (conv net), else of `input_dim` features."""
     dtype = getattr(model, "dtype", jnp.float32)
-    return model.init(key, jnp.zeros((1, input_dim), dtype))
+    input_shape = getattr(model, "input_shape", (input_dim,))
+    return model.init(key, jnp.zeros((1, *input_shape), dtype))
 
 
 def mse_loss(model: nn.Module, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
     """Mean squared error of the model on one task's points."""
     return jnp.mean((model.apply(params, x) - y) ** 2)
+
+
+def cross_entropy_loss(model: nn.Module, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of the logits against integer labels y (one task's images)."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y))
+
+
+def accuracy(model: nn.Module, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Fraction of images whose largest logit is their label."""
+    return jnp.mean(jnp.argmax(model.apply(params, x), axis=-1) == y).astype(jax.tree.leaves(params)[0].dtype)

@@ -4,6 +4,7 @@ Every backend offers the same four operations to the train loop:
   put_state(host_state)      -> the state replicated on the backend's devices
   host_state(state)          -> numpy copy of the (replicated) state, for checkpoints and evaluation
   sample_tasks(key, step)    -> the step's task batch, each device sampling only its own slice of tasks
+                                (from the family's data, e.g. Omniglot's images, placed once on every device)
   step(state, task_batch)    -> (state, metrics); jitted once, state donated, metrics replicated
 
 Tasks are indexed globally (0..B-1) and task i of step s comes from fold_in(fold_in(key, s), i), so the
@@ -23,7 +24,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from trainer import config as config_lib
-from trainer import tasks as tasks_lib
+from trainer import distributed
+from trainer import families as families_lib
 from trainer import train_step as train_step_lib
 
 AXIS = "tasks"
@@ -38,6 +40,11 @@ def select_devices(num_devices: int) -> list[jax.Device]:
         raise config_lib.ConfigError(
             f"config field 'parallel.num_devices' = {num_devices} but only {len(devices)} device(s) are visible "
             f"({devices[0].platform}); use 0 for all of them")
+    if jax.process_count() > 1 and num_devices != len(devices):
+        # A mesh must hold devices of every process: each process runs the same program on its own devices.
+        raise config_lib.ConfigError(
+            f"config field 'parallel.num_devices' = {num_devices}: a run with {jax.process_count()} "
+            f"processes uses all {len(devices)} global devices; set it to 0 (or {len(devices)})")
     return devices[:num_devices]
 
 
@@ -49,16 +56,19 @@ def make_mesh(devices: list[jax.Device]) -> jax.sharding.Mesh:
 class _Backend:
     name = "base"
 
-    def __init__(self, config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype):
+    def __init__(self, config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype, data=None):
         self.config = config
+        self.family = families_lib.get_family(config)
+        # The training tasks' host data (None for sinusoid); each backend places it once on its devices.
+        self.host_data = self.family.load_data(config).train if data is None else data
         self.batch_size = config.train.meta_batch_size
         self.dtype = dtype
         self.num_traces = 0
         self._local_step = functools.partial(train_step_lib.train_step, task_meta_grad=task_meta_grad,
                                              optimizer=optimizer)
 
-    def _sample(self, task_key, step, task_indices):
-        return tasks_lib.sample_tasks(self.config.tasks, task_key, step, task_indices, self.dtype)
+    def _sample(self, data, task_key, step, task_indices):
+        return self.family.sample(data, task_key, step, task_indices, self.dtype)
 
     def _counted(self, fn):
         def wrapper(*args, **kwargs):
@@ -77,9 +87,10 @@ class SingleDevice(_Backend):
 
     name = "none"
 
-    def __init__(self, config, task_meta_grad, optimizer, dtype, device=None):
-        super().__init__(config, task_meta_grad, optimizer, dtype)
+    def __init__(self, config, task_meta_grad, optimizer, dtype, device=None, data=None):
+        super().__init__(config, task_meta_grad, optimizer, dtype, data)
         self.device = device or jax.devices()[0]
+        self.data = jax.device_put(self.host_data, self.device)
         self.devices = [self.device]
         self.num_devices = 1
         self.step = jax.jit(self._counted(self._local_step), donate_argnums=0)
@@ -93,7 +104,7 @@ class SingleDevice(_Backend):
 
     def sample_tasks(self, task_key, step):
         indices = jnp.arange(self.batch_size)
-        return self._sample_jit(task_key, jnp.asarray(step, jnp.int32), indices)
+        return self._sample_jit(self.data, task_key, jnp.asarray(step, jnp.int32), indices)
 
 
 class ShardMap(_Backend):
@@ -101,8 +112,8 @@ class ShardMap(_Backend):
 
     name = "shard_map"
 
-    def __init__(self, config, task_meta_grad, optimizer, dtype, devices):
-        super().__init__(config, task_meta_grad, optimizer, dtype)
+    def __init__(self, config, task_meta_grad, optimizer, dtype, devices, data=None):
+        super().__init__(config, task_meta_grad, optimizer, dtype, data)
         self.devices = devices
         self.num_devices = len(devices)
         self.mesh = make_mesh(devices)
@@ -114,7 +125,8 @@ class ShardMap(_Backend):
                                      check_vma=False)
         self.step = jax.jit(self._counted(sharded_step), in_shardings=(self.replicated, self.task_sharding),
                             out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-        sharded_sample = jax.shard_map(self._sample, mesh=self.mesh, in_specs=(P(), P(), P(AXIS)),
+        self.data = self.put_state(self.host_data)  # Replicated: every device samples from all of it.
+        sharded_sample = jax.shard_map(self._sample, mesh=self.mesh, in_specs=(P(), P(), P(), P(AXIS)),
                                        out_specs=P(AXIS), check_vma=False)
         self._sample_jit = jax.jit(sharded_sample, out_shardings=self.task_sharding)
         # Each process builds only the indices of its own devices' tasks.
@@ -133,7 +145,7 @@ class ShardMap(_Backend):
         return jax.tree.map(np.asarray, state)
 
     def sample_tasks(self, task_key, step):
-        return self._sample_jit(task_key, jnp.asarray(step, jnp.int32), self.task_indices)
+        return self._sample_jit(self.data, task_key, jnp.asarray(step, jnp.int32), self.task_indices)
 
 
 class Pmap(_Backend):
@@ -141,20 +153,22 @@ class Pmap(_Backend):
 
     name = "pmap"
 
-    def __init__(self, config, task_meta_grad, optimizer, dtype, devices):
-        super().__init__(config, task_meta_grad, optimizer, dtype)
+    def __init__(self, config, task_meta_grad, optimizer, dtype, devices, data=None):
+        super().__init__(config, task_meta_grad, optimizer, dtype, data)
         self.devices = [d for d in devices if d.process_index == jax.process_index()]
         self.num_devices = len(devices)
         self.num_local = len(self.devices)
         local_step = functools.partial(self._local_step, axis_name=AXIS)
         self.step = jax.pmap(self._counted(local_step), axis_name=AXIS, devices=devices, donate_argnums=0)
-        self._sample_pmap = jax.pmap(self._sample, in_axes=(None, None, 0), devices=devices)
+        self._sample_pmap = jax.pmap(self._sample, in_axes=(0, None, None, 0), devices=devices)
         # Placing the state through pmap gives it the same device layout as the step's outputs (no recompile).
         self._replicate = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
         per_device = self.batch_size // self.num_devices
         first = jax.process_index() * self.num_local * per_device  # devices are ordered by process
         self.task_indices = np.arange(first, first + self.num_local * per_device,
                                       dtype=np.int32).reshape(self.num_local, per_device)
+        # One copy per local device (a leading device axis), placed once rather than sent with every step.
+        self.data = None if self.host_data is None else self.put_state(self.host_data)
 
     def put_state(self, host_state):
         stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * self.num_local), host_state)
@@ -164,24 +178,34 @@ class Pmap(_Backend):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], state)
 
     def sample_tasks(self, task_key, step):
-        return self._sample_pmap(task_key, jnp.asarray(step, jnp.int32), self.task_indices)
+        return self._sample_pmap(self.data, task_key, jnp.asarray(step, jnp.int32), self.task_indices)
 
     @staticmethod
     def metrics_to_host(metrics):
         return {k: np.asarray(v.addressable_data(0))[0] for k, v in metrics.items()}
 
 
-def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype) -> Any:
-    """The backend named by `parallel.backend`; checks the meta-batch splits evenly before compiling."""
+def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype, data=None) -> Any:
+    """The backend named by `parallel.backend`; checks the meta-batch splits evenly before compiling.
+
+    `data` is the family's training data (`families.get_family(config).load_data(config).train`, loaded
+    here when None).
+    """
     name = config.parallel.backend
     if name == "none":
+        if jax.process_count() > 1:
+            raise config_lib.ConfigError(
+                f"config field 'parallel.backend' = 'none' runs on one device, but this run has "
+                f"{jax.process_count()} processes; use 'shard_map' (or 'pmap')")
         config_lib.check_device_count(config, 1)
-        return SingleDevice(config, task_meta_grad, optimizer, dtype)
+        return SingleDevice(config, task_meta_grad, optimizer, dtype, data=data)
     devices = select_devices(config.parallel.num_devices)
     config_lib.check_device_count(config, len(devices))
-    if name == "shard_map":
-        return ShardMap(config, task_meta_grad, optimizer, dtype, devices)
-    if name == "pmap":
-        return Pmap(config, task_meta_grad, optimizer, dtype, devices)
+    if name in ("shard_map", "pmap"):
+        backend_class = ShardMap if name == "shard_map" else Pmap
+        backend = backend_class(config, task_meta_grad, optimizer, dtype, devices, data=data)
+        # With several processes, all of them finish compiling the step before its first collective runs.
+        backend.step = distributed.synchronize_first_call(backend.step, f"{name} train step")
+        return backend
     raise config_lib.ConfigError(f"config field 'parallel.backend' = {name!r}: expected one of "
                                  f"{list(config_lib.BACKENDS)}")

@@ -7,7 +7,9 @@ and checkpoints every `checkpoint.every_steps` and at the end. A workdir with ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -18,6 +20,8 @@ import numpy as np
 from trainer import checkpointing
 from trainer import config as config_lib
 from trainer import evaluation
+from trainer import families
+from trainer import figures
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
 from trainer import monitoring
@@ -39,10 +43,16 @@ class TrainResult:
     backend: Any
 
 
-def configure_jax(config: ml_collections.ConfigDict) -> None:
+def configure_jax(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """Global JAX settings the config needs; must run before any array is created."""
     if config.model.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    if workdir is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR") and \
+            config.compile_cache_dir != "none":
+        cache_dir = config.compile_cache_dir or os.path.join(workdir, "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+        # Cache only programs worth it (the train step and evaluation take seconds to compile).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def check_finite(step: int, metrics: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> None:
@@ -53,8 +63,10 @@ def check_finite(step: int, metrics: dict[str, np.ndarray], config: ml_collectio
             if config.meta_grad.estimator == "unrolled":
                 hint = (" (estimator 'unrolled': reverse mode through the inner iterations overflowed; lower "
                         "inner.unrolled_stepsize or use meta_grad.estimator=implicit)")
+            diverged = (f"{int(metrics['inner_diverged_tasks'])} of {config.train.meta_batch_size} tasks diverged "
+                        "(NaN/inf inner solution or query loss); " if "inner_diverged_tasks" in metrics else "")
             raise NonFiniteError(
-                f"step {step}: {name} is {value}; {int(metrics['inner_nonconverged_tasks'])} of "
+                f"step {step}: {name} is {value}; {diverged}{int(metrics['inner_nonconverged_tasks'])} of "
                 f"{config.train.meta_batch_size} inner solves did not converge (max inner residual "
                 f"{float(metrics['inner_residual_max']):.3g}){hint}")
 
@@ -65,38 +77,47 @@ def _due(step: int, every: int, last: int) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False, restore_step: int | None = None) -> TrainResult:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final state."""
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final state.
+
+    Raises `checkpointing.Preempted` after saving the current step on SIGTERM/SIGINT. Pending checkpoint
+    saves are waited for on every exit, error or not.
+    """
+    with contextlib.ExitStack() as cleanup:
+        return _train_and_evaluate(config, workdir, cleanup, allow_config_change=allow_config_change,
+                                   restore_step=restore_step)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack, *,
+                        allow_config_change: bool, restore_step: int | None) -> TrainResult:
     config_lib.validate(config)
-    configure_jax(config)
+    configure_jax(config, workdir)
     is_main = jax.process_index() == 0
     dtype = model_lib.dtype_of(config)
     model = model_lib.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
     optimizer, schedule = optim.make_optimizer(config)
-    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model)
-    backend = parallel.make_backend(config, task_meta_grad, optimizer, dtype)
+    family = families.get_family(config)
+    task_data = family.load_data(config)  # Host arrays (Omniglot's images; None for sinusoid), loaded once.
+    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model, family)
+    backend = parallel.make_backend(config, task_meta_grad, optimizer, dtype, data=task_data.train)
 
     host_state = jax.tree.map(np.asarray, train_step_lib.create_train_state(
         model_lib.init_params(model, keys["init"]), optimizer, keys["train"]))
-    checkpointer = checkpointing.Checkpointer(workdir, config)
-    start_step = restore_step if restore_step is not None else checkpointer.latest_step()
-    if start_step is not None:
-        saved = checkpointing.read_config(workdir)
-        differing = checkpointing.differing_maths_fields(saved, config) if saved else []
-        if differing and not allow_config_change:
-            raise checkpointing.CheckpointError(
-                f"{workdir} holds checkpoints of a different experiment; fields that differ: {differing}. "
-                "Use another --workdir, or pass --allow_config_change to continue anyway")
-        host_state = checkpointer.restore(start_step, host_state)
+    checkpointer = cleanup.enter_context(contextlib.closing(checkpointing.Checkpointer(workdir, config)))
+    host_state = checkpointer.restore_for_resume(host_state, restore_step=restore_step,
+                                                 allow_config_change=allow_config_change,
+                                                 log=print if is_main else lambda message: None)
     start_step = int(host_state.step)
     if is_main:
         checkpointing.write_config(workdir, config)
 
-    writer = monitoring.MetricsWriter(workdir, enabled=is_main, resume_step=start_step,
-                                      num_steps=config.train.num_steps)
+    # Closed on every exit (a NaN error too): the progress bar and the event files are finished cleanly.
+    writer = cleanup.enter_context(contextlib.closing(monitoring.MetricsWriter(
+        workdir, enabled=is_main, resume_step=start_step, num_steps=config.train.num_steps)))
     writer.log(f"training {config.train.num_steps} steps from step {start_step} on {backend.num_devices} "
                f"device(s) ({backend.name}, {jax.devices()[0].platform}); workdir {workdir}")
-    evaluator = evaluation.Evaluator(config, model, keys["eval"])
+    writer.write_config(config)
+    evaluator = evaluation.Evaluator(config, model, keys["eval"], data=task_data.test, family=family)
     state = backend.put_state(host_state)
     task_key = jax.numpy.asarray(host_state.task_key)
     last = config.train.num_steps
@@ -105,11 +126,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pending = None  # (step number after the update, device metrics, dispatch time)
     compile_time = None
 
-    def finish(done_step: int, device_metrics, started: float, extra: dict | None = None) -> None:
+    def finish(done_step: int, device_metrics, started: float, extra: dict | None = None,
+               ended: float | None = None) -> None:
         """Pulls a finished step's metrics to the host, checks them, and logs them when due."""
         nonlocal compile_time
         metrics = backend.metrics_to_host(device_metrics)
-        elapsed = time.perf_counter() - started
+        elapsed = (ended or time.perf_counter()) - started
         check_finite(done_step, metrics, config)
         metrics["learning_rate"] = np.asarray(schedule(done_step - 1))
         metrics["step_time_s"] = np.asarray(elapsed)
@@ -117,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if compile_time is None:
             compile_time = elapsed
             metrics["first_step_time_s"] = np.asarray(compile_time)
+            metrics["compile_time_s"] = np.asarray(compile_timer.seconds)
         history.append({"step": done_step, **metrics})
         writer.progress(done_step, float(metrics["query_loss"]))
         if extra or _due(done_step, config.logging.every_steps, last) or done_step == start_step + 1:
@@ -125,13 +148,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        f"{float(metrics['support_loss']):.3g} grad_norm {float(metrics['grad_norm']):.3g} "
                        f"inner_iters mean {float(metrics['inner_iterations_mean']):.0f} max "
                        f"{float(metrics['inner_iterations_max']):.0f} converged "
-                       f"{float(metrics['inner_converged_fraction']):.2f} ({elapsed:.3f} s)")
+                       f"{float(metrics['inner_converged_fraction']):.2f}"
+                       + (f" query_accuracy {float(metrics['query_accuracy']):.3f}"
+                          if "query_accuracy" in metrics else "")
+                       + f" ({elapsed:.3f} s)")
 
     step_started = time.perf_counter()
+    compile_timer = cleanup.enter_context(monitoring.CompileTimer())  # Stopped after the first dispatch.
+    preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
     for step in range(start_step, last):
+        if preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
+            if pending is not None:
+                finish(*pending)
+            checkpointer.save(step, backend.host_state(state))
+            checkpointer.wait()
+            writer.close()
+            raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory)
         done_step = step + 1
         task_batch = backend.sample_tasks(task_key, step)
         state, device_metrics = backend.step(state, task_batch)  # Dispatched; runs while we log step N-1.
+        compile_timer.stop()
         if pending is not None:
             finish(*pending)
         now = time.perf_counter()
@@ -141,21 +177,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt_due = _due(done_step, config.checkpoint.every_steps, last)
         if eval_due or ckpt_due:
             host_state = backend.host_state(state)  # Waits for this step.
+            step_ended = time.perf_counter()  # Its step time excludes the checkpoint and evaluation below.
             check_finite(done_step, backend.metrics_to_host(device_metrics), config)
-            if ckpt_due:
-                checkpointer.save(done_step, host_state)
             extra = None
             if eval_due:
-                eval_summary, _ = evaluator(host_state.meta_params)
-                extra = eval_summary
-            finish(*pending, extra=extra)
+                eval_started = time.perf_counter()
+                eval_summary, eval_outputs = evaluator(host_state.meta_params)
+                extra = {**eval_summary, "eval_time_s": time.perf_counter() - eval_started}
+            finish(*pending, extra=extra, ended=step_ended)
+            if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
+                checkpointer.save(done_step, host_state)
             if eval_due:
                 writer.log(evaluation.format_summary(done_step, eval_summary))
+                if writer.enabled:  # Training curves; predictions too when the family kept its outputs.
+                    series = {name: writer.series(history, name) for name in ("grad_norm", "query_loss")}
+                    writer.write_figures(done_step, figures.evaluation_figures(
+                        model, config, host_state.meta_params, eval_outputs, series))
             pending = None
             step_started = time.perf_counter()
     if pending is not None:
         finish(*pending)
     host_state = backend.host_state(state)
     checkpointer.close()
+    if eval_summary:
+        writer.write_hparams(config, eval_summary)
     writer.close()
     return TrainResult(state=host_state, eval_summary=eval_summary, history=history, backend=backend)

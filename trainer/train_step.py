@@ -31,6 +31,11 @@ def create_train_state(meta_params, optimizer: optax.GradientTransformation, tas
                       opt_state=optimizer.init(meta_params), task_key=jnp.asarray(task_key, jnp.uint32))
 
 
+# Per-task metrics of `meta_grad.make_task_meta_grad` reduced by name below; any others are averaged.
+_PER_TASK_REDUCED = frozenset({"query_loss", "support_loss", "inner_iterations", "inner_residual",
+                               "inner_converged"})
+
+
 def _all_reduce(metric: jax.Array, op: str, axis_name: str | None) -> jax.Array:
     local = {"mean": jnp.mean, "max": jnp.max, "sum": jnp.sum}[op](metric)
     if axis_name is None:
@@ -62,6 +67,10 @@ def train_step(state: TrainState, task_batch, *, task_meta_grad: meta_grad_lib.T
         inner_residual_max=_all_reduce(per_task["inner_residual"], "max", axis_name),
         inner_converged_fraction=_all_reduce(per_task["inner_converged"], "mean", axis_name),
         inner_nonconverged_tasks=_all_reduce(1.0 - per_task["inner_converged"], "sum", axis_name),
+        # Tasks whose inner solution or query loss is NaN/inf: named when a NaN stops the run.
+        inner_diverged_tasks=_all_reduce(
+            1.0 - (jnp.isfinite(per_task["inner_residual"]) & jnp.isfinite(per_task["query_loss"])).astype(
+                jnp.float32), "sum", axis_name),
         grad_norm=inner_lib.tree_norm(grad),
         param_norm=inner_lib.tree_norm(meta_params),
         update_norm=inner_lib.tree_norm(updates),
@@ -70,5 +79,8 @@ def train_step(state: TrainState, task_batch, *, task_meta_grad: meta_grad_lib.T
             local_max_iterations[None] if axis_name is None
             else jax.lax.all_gather(local_max_iterations, axis_name)),
     )
+    # A family's extra per-task metrics (query_accuracy, support_accuracy for classification): means.
+    for name in sorted(set(per_task) - _PER_TASK_REDUCED):
+        metrics[name] = _all_reduce(per_task[name], "mean", axis_name)
     new_state = state.replace(step=state.step + 1, meta_params=meta_params, opt_state=opt_state)
     return new_state, metrics

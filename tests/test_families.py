@@ -1,0 +1,206 @@
+"""Task families: the sinusoid family is the old code path; the omniglot family's conv net, losses, implicit
+meta-gradient (against a dense Hessian solve and finite differences), evaluation and a short training run."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from tests import helpers
+from trainer import config as config_lib
+from trainer import evaluation, families, train
+from trainer import meta_grad as meta_grad_lib
+from trainer import model as model_lib
+from trainer import tasks as tasks_lib
+
+SHARED = os.path.normpath(os.path.join(helpers.REPO, "..", "shared", "data", "omniglot"))
+REAL_CACHE = os.environ.get("IMAML_TEST_OMNIGLOT_CACHE",
+                            os.path.join(tempfile.gettempdir(), "imaml-test-omniglot-cache"))
+
+
+def _omniglot_config(**overrides):
+    """A tiny omniglot config: 3-way 2-shot, 8x8 images, a 2-block conv net of 4 filters, float64."""
+    c = config_lib.omniglot_config(num_ways=3, num_shots=2)
+    c.model.dtype = "float64"
+    c.model.conv_width = 4
+    c.model.conv_blocks = 2
+    c.tasks.image_size = 8
+    c.parallel.backend = "none"
+    c.parallel.vmap_tasks = False  # lax.map: half the compile time of a vmapped conv-net solve on CPU.
+    for name, value in overrides.items():
+        group, field = name.split(".")
+        c[group][field] = value
+    return config_lib.validate(c)
+
+
+def _synthetic_data(num_classes=12, size=8, seed=0):
+    """Host data of the omniglot family: uint8 images [C, 20, S, S] (class prototypes plus noise) and ids."""
+    rng = np.random.RandomState(seed)
+    prototypes = rng.rand(num_classes, 1, size, size) < 0.3
+    noise = rng.rand(num_classes, 20, size, size) < 0.1
+    images = (np.logical_xor(prototypes, noise) * 255).astype(np.uint8)
+    return dict(images=images, ids=np.arange(1, num_classes + 1, dtype=np.int32))
+
+
+def test_get_family_dispatches_on_the_config():
+    assert families.get_family(helpers.small_config()).name == "sinusoid"
+    assert families.get_family(_omniglot_config()).name == "omniglot"
+    config = helpers.small_config()
+    config.tasks.family = "mnist"
+    with pytest.raises(ValueError, match="tasks.family"):
+        families.get_family(config)
+
+
+def test_sinusoid_family_is_the_task_module_unchanged():
+    config = helpers.small_config()
+    family = families.get_family(config)
+    key = jax.random.PRNGKey(3)
+    assert family.load_data(config) == families.TaskData(None, None)
+    ours = family.sample(None, key, 5, jnp.arange(6), jnp.float64)
+    reference = tasks_lib.sample_tasks(config.tasks, key, 5, jnp.arange(6), jnp.float64)
+    held = family.heldout(None, key, jnp.arange(6), jnp.float64)
+    held_reference = tasks_lib.heldout_tasks(config.tasks, key, 6, jnp.float64)
+    for name in reference:
+        np.testing.assert_array_equal(ours[name], reference[name])
+        np.testing.assert_array_equal(held[name], held_reference[name])
+    first = jax.tree.map(lambda a: a[0], ours)
+    np.testing.assert_allclose(family.baseline(first)["mse"], np.mean(np.asarray(ours["query_y"][0]) ** 2))
+
+
+def test_classification_losses_match_numpy():
+    config = _omniglot_config()
+    family = families.get_family(config)
+    model = family.make_model(config)
+    params = model_lib.init_params(model, jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (7, 8, 8, 1), jnp.float64)
+    y = jnp.asarray([0, 1, 2, 0, 1, 2, 2])
+    logits = np.asarray(model.apply(params, x))
+    assert logits.shape == (7, 3)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(family.loss(model, params, x, y), -np.mean(log_softmax[np.arange(7), y]),
+                               rtol=1e-12)
+    np.testing.assert_allclose(family.task_metrics(model, params, x, y)["accuracy"],
+                               np.mean(logits.argmax(-1) == np.asarray(y)))
+    baseline = family.baseline(dict(query_x=x))
+    np.testing.assert_allclose(baseline["acc"], 1 / 3)
+    np.testing.assert_allclose(baseline["loss"], math.log(3))
+
+
+def test_conv_net_is_mamls_and_layer_norm_is_per_image():
+    config = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    model = model_lib.make_model(config)
+    shapes = jax.eval_shape(lambda k: model_lib.init_params(model, k), jax.random.PRNGKey(0))
+    # 3x3 convs 1->64, 3 x 64->64 (kernels and biases), 4 norms (scale, bias), head 64->5.
+    expected = (9 * 64 + 64) + 3 * (9 * 64 * 64 + 64) + 4 * 2 * 64 + (64 * 5 + 5)
+    assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == expected == 112261
+    assert model.apply(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                       jnp.zeros((2, 28, 28, 1))).shape == (2, 5)
+
+    x = jax.random.uniform(jax.random.PRNGKey(1), (6, 8, 8, 1), jnp.float64)
+    for normalization, independent in (("layer", True), ("none", True), ("batch", False)):
+        small = model_lib.make_model(_omniglot_config(**{"model.normalization": normalization}))
+        params = model_lib.init_params(small, jax.random.PRNGKey(2))
+        together, alone = small.apply(params, x)[:2], small.apply(params, x[:2])
+        assert np.allclose(together, alone, atol=1e-12) == independent, normalization
+
+
+# Swish, not ReLU: tight inner convergence needs a smooth loss (L-BFGS stalls on ReLU kinks at residual ~0.1).
+TIGHT = {"inner.tol": 1e-10, "inner.maxiter": 1000, "meta_grad.solver_tol": 1e-12,
+         "meta_grad.solver_maxiter": 1000, "inner.l2reg": 0.5, "model.activation": "swish"}
+
+
+def test_conv_net_implicit_meta_gradient_matches_finite_differences():
+    """lambda (H + lambda I)^{-1} grad L_query(x*) of a 219-parameter conv net (float64, tight solves) against
+    central differences of the meta-loss L_query(x*(theta)) along random directions."""
+    config = _omniglot_config(**TIGHT)
+    family = families.get_family(config)
+    model = family.make_model(config)
+    theta = model_lib.init_params(model, jax.random.PRNGKey(0))
+    task = jax.tree.map(lambda a: a[0], family.sample(_synthetic_data(), jax.random.PRNGKey(1), 0,
+                                                      jnp.arange(1), jnp.float64))
+    task_meta_grad = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, family))
+    grad, metrics = task_meta_grad(theta, task)
+    assert float(metrics["inner_converged"]) == 1.0, metrics
+    assert 0 < float(metrics["support_loss"]) < float(metrics["query_loss"])
+
+    def meta_loss(theta_flat):  # The same compiled program: its query loss is the meta-loss.
+        _, metrics = task_meta_grad(unravel(theta_flat), task)
+        assert float(metrics["inner_converged"]) == 1.0, metrics
+        return float(metrics["query_loss"])
+
+    theta_flat, unravel = ravel_pytree(theta)
+    grad_flat = ravel_pytree(grad)[0]
+    eps = 1e-5
+    for i, direction in enumerate(jax.random.normal(jax.random.PRNGKey(2), (3, theta_flat.size))):
+        direction = direction / jnp.linalg.norm(direction)
+        fd = (meta_loss(theta_flat + eps * direction) - meta_loss(theta_flat - eps * direction)) / (2 * eps)
+        np.testing.assert_allclose(float(jnp.vdot(grad_flat, direction)), fd, rtol=1e-4, atol=1e-8,
+                                   err_msg=f"direction {i}")
+
+
+def test_classification_evaluation_reports_accuracy_with_ci_and_chunks_exactly():
+    """7 tasks in chunks of 3 (the last one padded with tasks that are dropped) against 4 tasks in chunks of
+    3: a task's result does not depend on its chunk (one compiled program: chunks have one shape)."""
+    config = _omniglot_config(**{"eval.num_tasks": 7, "eval.batch_size": 3, "inner.maxiter": 20,
+                                 "inner.tol": 1e-6})
+    family = families.get_family(config)
+    model = family.make_model(config)
+    theta = model_lib.init_params(model, jax.random.PRNGKey(0))
+    data = _synthetic_data()
+    summary, outputs = evaluation.Evaluator(config, model, jax.random.PRNGKey(4), data=data)(theta)
+    config.eval.num_tasks = 4
+    few_summary, few = evaluation.Evaluator(config, model, jax.random.PRNGKey(4), data=data)(theta)
+    assert set(evaluation.methods(family)) == {"adapted", "prior", "chance", "scratch_prox", "scratch"}
+    for method in evaluation.methods(family):
+        for metric in ("acc", "loss"):
+            per_task = outputs["per_task"][f"{method}_{metric}"]
+            assert per_task.shape == (7,)
+            np.testing.assert_allclose(per_task[:4], few["per_task"][f"{method}_{metric}"], rtol=1e-10)
+            np.testing.assert_allclose(summary[f"eval/{method}_{metric}"], per_task.mean(), rtol=1e-12)
+            np.testing.assert_allclose(summary[f"eval/{method}_{metric}_ci95"],
+                                       1.96 * per_task.std(ddof=1) / math.sqrt(7), rtol=1e-10)
+    assert summary["eval/chance_acc"] == pytest.approx(1 / 3) and summary["eval/chance_acc_ci95"] == 0
+    assert summary["eval/num_tasks"] == 7 and few_summary["eval/num_tasks"] == 4
+    assert 0 < summary["eval/adapted_acc"] < 1 and summary["eval/adapted_acc_ci95"] > 0
+    assert "adapted" not in outputs  # Conv-net parameters of every task are not kept.
+    line = evaluation.format_summary(3, summary)
+    assert line.startswith("[eval step 3] held-out query accuracy over 7 tasks: adapted ")
+    assert "chance 0.3333" in line
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "images_background.npz")),
+                    reason=f"the shared Omniglot data are not at {SHARED}")
+@pytest.mark.slow  # Two conv-net programs to compile (train step, evaluation): minutes on a busy 2-core CPU.
+def test_short_training_run_on_real_characters_beats_chance(tmp_path):
+    """5-way 1-shot on 300 meta-training characters, 14x14 images, a small conv net: held-out accuracy rises
+    clearly above chance (20%) and above the un-meta-trained initialisation."""
+    config = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    config.tasks.data_dir, config.tasks.cache_dir = SHARED, REAL_CACHE
+    config.tasks.num_train_classes, config.tasks.num_test_classes = 300, 100
+    config.tasks.image_size = 14
+    config.model.conv_width, config.model.conv_blocks = 16, 3
+    config.train.num_steps, config.train.meta_batch_size = 40, 8
+    config.outer.learning_rate = 3e-3
+    config.inner.maxiter = 8
+    config.eval.num_tasks, config.eval.every_steps, config.eval.batch_size = 100, 0, 0
+    config.logging.every_steps, config.checkpoint.every_steps = 20, 0
+    config.parallel.backend, config.parallel.vmap_tasks = "none", False
+    config_lib.validate(config)
+    model = model_lib.make_model(config)
+    family = families.get_family(config)
+    data = family.load_data(config)
+    keys = tasks_lib.split_keys(config.seed)
+    before, _ = evaluation.Evaluator(config, model, keys["eval"], data=data.test)(
+        model_lib.init_params(model, keys["init"]))
+    result = train.train_and_evaluate(config, str(tmp_path))
+    after = result.eval_summary
+    assert "query_accuracy" in result.history[-1] and "support_accuracy" in result.history[-1]
+    assert after["eval/adapted_acc"] - after["eval/adapted_acc_ci95"] > 0.2 + 0.1, after
+    assert after["eval/adapted_acc"] > before["eval/adapted_acc"] + 0.05, (before, after)
