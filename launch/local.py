@@ -32,8 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env(base: dict[str, str], platform: str, process_id: int,
-                devices_per_process: int) -> dict[str, str]:
+def process_env(
+    base: dict[str, str], platform: str, process_id: int, devices_per_process: int
+) -> dict[str, str]:
     """The environment of process `process_id`: its own simulated CPU devices or its own slice of the GPUs."""
     env = dict(base)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -48,8 +49,10 @@ def process_env(base: dict[str, str], platform: str, process_id: int,
         gpus = visible.split(",") if visible else [str(i) for i in range(end)]
         mine = gpus[first:end]
         if len(mine) < devices_per_process:
-            raise SystemExit(f"launch: process {process_id} needs GPUs {first}..{end - 1} of "
-                             f"CUDA_VISIBLE_DEVICES={visible}")
+            raise SystemExit(
+                f"launch: process {process_id} needs GPUs {first}..{end - 1} of "
+                f"CUDA_VISIBLE_DEVICES={visible}"
+            )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     return env
 
@@ -91,23 +94,48 @@ def terminate(procs: list[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
-def launch(num_processes: int, devices_per_process: int, trainer_args: list[str], *, platform: str = "cpu",
-           port: int = 0, grace_s: float = 10.0, out=None) -> int:
+def launch(
+    num_processes: int,
+    devices_per_process: int,
+    trainer_args: list[str],
+    *,
+    platform: str = "cpu",
+    port: int = 0,
+    grace_s: float = 10.0,
+    out=None,
+) -> int:
     """Runs the processes to completion; returns 0 if all succeeded, else the first failure's exit status."""
     out = out or sys.stdout
     port = port or free_port()
     address = f"127.0.0.1:{port}"
-    print(f"launch: {num_processes} processes x {devices_per_process} {platform} device(s), "
-          f"coordinator {address}", file=out, flush=True)
+    print(
+        f"launch: {num_processes} processes x {devices_per_process} {platform} device(s), "
+        f"coordinator {address}",
+        file=out,
+        flush=True,
+    )
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     for i in range(num_processes):
-        cmd = [sys.executable, "-m", "trainer.main", *trainer_args, f"--coordinator_address={address}",
-               f"--num_processes={num_processes}", f"--process_id={i}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "trainer.main",
+            *trainer_args,
+            f"--coordinator_address={address}",
+            f"--num_processes={num_processes}",
+            f"--process_id={i}",
+        ]
         # Own session: the launcher alone decides when to stop its processes (and their children).
-        proc = subprocess.Popen(cmd, env=process_env(dict(os.environ), platform, i, devices_per_process),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=process_env(dict(os.environ), platform, i, devices_per_process),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         procs.append(proc)
         print(f"launch: process {i} pid {proc.pid}", file=out, flush=True)
         pump = threading.Thread(target=_pump, args=(proc.stdout, f"[process {i}] ", out), daemon=True)
@@ -152,30 +180,50 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" in argv:
         split = argv.index("--")
-        own, trainer_args = argv[:split], argv[split + 1:]
+        own, trainer_args = argv[:split], argv[split + 1 :]
     else:
         own, trainer_args = argv, []
-    parser = argparse.ArgumentParser(description=__doc__, usage="%(prog)s [options] -- TRAINER_FLAGS",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        usage="%(prog)s [options] -- TRAINER_FLAGS",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--num_processes", type=int, default=2, help="Processes to start (default 2).")
-    parser.add_argument("--devices_per_process", type=int, default=1,
-                        help="Devices of each process (default 1).")
-    parser.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu: simulated CPU devices; gpu: its own slice of CUDA_VISIBLE_DEVICES.")
-    parser.add_argument("--port", type=int, default=0,
-                        help="Coordinator port on 127.0.0.1 (default: a free one).")
-    parser.add_argument("--grace_s", type=float, default=10.0,
-                        help="Seconds between SIGTERM and SIGKILL when stopping the other processes.")
+    parser.add_argument(
+        "--devices_per_process", type=int, default=1, help="Devices of each process (default 1)."
+    )
+    parser.add_argument(
+        "--platform",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: simulated CPU devices; gpu: its own slice of CUDA_VISIBLE_DEVICES.",
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="Coordinator port on 127.0.0.1 (default: a free one)."
+    )
+    parser.add_argument(
+        "--grace_s",
+        type=float,
+        default=10.0,
+        help="Seconds between SIGTERM and SIGKILL when stopping the other processes.",
+    )
     args = parser.parse_args(own)
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be >= 1")
     if not trainer_args:
-        parser.error("no trainer flags: put them after `--`, e.g. "
-                     "-- --config=configs/smoke.py --workdir=/tmp/x")
+        parser.error(
+            "no trainer flags: put them after `--`, e.g. -- --config=configs/smoke.py --workdir=/tmp/x"
+        )
     # A SIGTERM to the launcher (e.g. from a job scheduler) stops the processes like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
-    return launch(args.num_processes, args.devices_per_process, trainer_args, platform=args.platform,
-                  port=args.port, grace_s=args.grace_s)
+    return launch(
+        args.num_processes,
+        args.devices_per_process,
+        trainer_args,
+        platform=args.platform,
+        port=args.port,
+        grace_s=args.grace_s,
+    )
 
 
 if __name__ == "__main__":

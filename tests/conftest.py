@@ -4,7 +4,9 @@ import os
 import tempfile
 
 # Before any JAX import: simulated devices for the sharding tests (tests never change this for users).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 # A persistent compilation cache shared by the tests and the subprocesses they start: identical programs
 # (the same small config compiled by several tests) compile once per session.
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="imaml-test-jax-cache-"))

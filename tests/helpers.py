@@ -38,12 +38,19 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     return config_lib.validate(c)
 
 
-def run_cli(args: list[str], env_extra: dict[str, str] | None = None, timeout: float = 600,
-            num_devices: int = 1) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env_extra: dict[str, str] | None = None, timeout: float = 600, num_devices: int = 1
+) -> subprocess.CompletedProcess:
     """Runs `python -m trainer.main ARGS` with `num_devices` simulated CPU devices; returns the process."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -29,15 +29,27 @@ NUM_STEPS = 10
 
 def _config(**overrides):
     """The reference setting: checkpoints at every step, all kept, so any step can be compared."""
-    return helpers.small_config(**{"train.num_steps": NUM_STEPS, "checkpoint.every_steps": 1,
-                                   "checkpoint.max_to_keep": NUM_STEPS, **overrides})
+    return helpers.small_config(
+        **{
+            "train.num_steps": NUM_STEPS,
+            "checkpoint.every_steps": 1,
+            "checkpoint.max_to_keep": NUM_STEPS,
+            **overrides,
+        }
+    )
 
 
 def _cli_args(workdir, **overrides) -> list[str]:
     """CLI flags giving configs/smoke.py the maths of helpers.small_config (checked in the tests)."""
-    fields = {"train.num_steps": NUM_STEPS, "eval.every_steps": 0, "logging.every_steps": 1,
-              "checkpoint.every_steps": 1, "checkpoint.max_to_keep": NUM_STEPS, "parallel.backend": "none",
-              **overrides}
+    fields = {
+        "train.num_steps": NUM_STEPS,
+        "eval.every_steps": 0,
+        "logging.every_steps": 1,
+        "checkpoint.every_steps": 1,
+        "checkpoint.max_to_keep": NUM_STEPS,
+        "parallel.backend": "none",
+        **overrides,
+    }
     flags = [f"--config.{name}={value}" for name, value in fields.items()]
     return ["--config=configs/smoke.py", f"--workdir={workdir}", *flags]
 
@@ -46,8 +58,14 @@ def _start_cli(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["PYTHONPATH"] = helpers.REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "trainer.main", *args], cwd=helpers.REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.main", *args],
+        cwd=helpers.REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -73,8 +91,9 @@ def _wait_for_logged_step(proc: subprocess.Popen, workdir, step: int, timeout_s:
         if steps and steps[-1] >= step:
             return steps[-1]
         if proc.poll() is not None:
-            pytest.fail(f"training ended (status {proc.returncode}) before step {step}:\n"
-                        f"{proc.stdout.read()}")
+            pytest.fail(
+                f"training ended (status {proc.returncode}) before step {step}:\n{proc.stdout.read()}"
+            )
         time.sleep(0.01)
     proc.kill()
     pytest.fail(f"step {step} not logged within {timeout_s} s:\n{proc.stdout.read()}")
@@ -157,13 +176,16 @@ def test_kill_9_then_sigterm_then_resume_match_the_uninterrupted_run(reference, 
     time.sleep(delay_s)
     proc.kill()
     proc.communicate(timeout=60)
-    context = (f"seed {seed}: SIGKILL {delay_s:.3f} s after step {kill_after} left "
-               f"{sorted(os.listdir(tmp_path / 'checkpoints'))}")
+    context = (
+        f"seed {seed}: SIGKILL {delay_s:.3f} s after step {kill_after} left "
+        f"{sorted(os.listdir(tmp_path / 'checkpoints'))}"
+    )
     checkpointer = checkpointing.Checkpointer(str(tmp_path), _config())
     killed_at = checkpointer.latest_step() or 0
     for step in checkpointer.all_steps():  # Every listed step is complete and equals the reference's.
-        _assert_bitwise_equal(checkpointer.restore(step, reference_state),
-                              _restore(reference_workdir, step, reference_state))
+        _assert_bitwise_equal(
+            checkpointer.restore(step, reference_state), _restore(reference_workdir, step, reference_state)
+        )
     checkpointer.close()
 
     # 2. The same command resumes; SIGTERM (no periodic checkpoints) saves the step reached and exits 75.
@@ -178,8 +200,10 @@ def test_kill_9_then_sigterm_then_resume_match_the_uninterrupted_run(reference, 
     assert preempted_at == _logged_steps(tmp_path)[-1] > killed_at + 1, context  # The step reached.
     assert f"saved step {preempted_at}" in output
     assert preempted_at < NUM_STEPS, "the run passed the reference's length before handling SIGTERM"
-    _assert_bitwise_equal(checkpointer.restore(preempted_at, reference_state),
-                          _restore(reference_workdir, preempted_at, reference_state))
+    _assert_bitwise_equal(
+        checkpointer.restore(preempted_at, reference_state),
+        _restore(reference_workdir, preempted_at, reference_state),
+    )
     checkpointer.close()
 
     # 3. Resumed in-process to the end: identical to the uninterrupted run, each step logged once.
@@ -203,8 +227,9 @@ print("saving", flush=True)
 time.sleep(300)
 """
     env = dict(os.environ, PYTHONPATH=helpers.REPO, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "saving"
     proc.kill()
     proc.communicate(timeout=60)
@@ -262,11 +287,19 @@ def test_config_mismatch_is_refused_with_the_field_names(reference, tmp_path):
 
     # The override restores anyway; fields that do not change the maths never count.
     with checkpointing.Checkpointer(str(workdir), changed) as checkpointer:
-        restored = checkpointer.restore_for_resume(reference_state, allow_config_change=True,
-                                                   log=lambda message: None)
+        restored = checkpointer.restore_for_resume(
+            reference_state, allow_config_change=True, log=lambda message: None
+        )
     _assert_bitwise_equal(restored, reference_state)
-    harmless = _config(**{"logging.every_steps": 5, "train.num_steps": 100, "checkpoint.every_steps": 7,
-                          "eval.every_steps": 3, "parallel.backend": "shard_map"})
+    harmless = _config(
+        **{
+            "logging.every_steps": 5,
+            "train.num_steps": 100,
+            "checkpoint.every_steps": 7,
+            "eval.every_steps": 3,
+            "parallel.backend": "shard_map",
+        }
+    )
     assert checkpointing.differing_maths_fields(config_lib.to_dict(_config()), harmless) == []
     # Under a decaying schedule num_steps sets the schedule's length, so it does change the maths.
     cosine = _config(**{"outer.schedule": "cosine"})
@@ -300,9 +333,11 @@ def test_preemption_watcher_flags_signals_and_restores_handlers():
 def test_checkpoint_from_4_devices_continues_on_2_then_on_1(reference, tmp_path):
     """Host-array checkpoints restore onto any device count; results agree with one device to roundoff."""
     _, reference_state = reference
-    legs = [(3, {"parallel.backend": "shard_map", "parallel.num_devices": 4}),
-            (6, {"parallel.backend": "shard_map", "parallel.num_devices": 2}),
-            (NUM_STEPS, {"parallel.backend": "none"})]
+    legs = [
+        (3, {"parallel.backend": "shard_map", "parallel.num_devices": 4}),
+        (6, {"parallel.backend": "shard_map", "parallel.num_devices": 2}),
+        (NUM_STEPS, {"parallel.backend": "none"}),
+    ]
     previous_steps = 0
     for num_steps, parallel in legs:
         config = _config(**{"train.num_steps": num_steps, **parallel})
@@ -314,7 +349,11 @@ def test_checkpoint_from_4_devices_continues_on_2_then_on_1(reference, tmp_path)
     np.testing.assert_array_equal(result.state.task_key, reference_state.task_key)
     # Batches of 2, 4 and 8 tasks per device round differently; inner solves stop at tol 1e-6, which amplifies
     # that a little: measured 3.0e-10 at most (parameters are of order 0.1).
-    max_difference = max(float(np.max(np.abs(actual - expected))) for actual, expected in zip(
-        jax.tree.leaves(result.state), jax.tree.leaves(reference_state), strict=True))
+    max_difference = max(
+        float(np.max(np.abs(actual - expected)))
+        for actual, expected in zip(
+            jax.tree.leaves(result.state), jax.tree.leaves(reference_state), strict=True
+        )
+    )
     assert max_difference < 1e-9
     _assert_each_step_logged_once(tmp_path)

@@ -6,15 +6,18 @@ from tests import helpers
 from trainer import config as config_lib
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("inner.l2reg", -1.0, "inner.l2reg"),
-    ("inner.maxiter", 0, "inner.maxiter"),
-    ("meta_grad.estimator", "magic", "meta_grad.estimator"),
-    ("train.meta_batch_size", 0, "train.meta_batch_size"),
-    ("meta_grad.linear_solver", "lu", "meta_grad.linear_solver"),
-    ("parallel.backend", "mpi", "parallel.backend"),
-    ("outer.learning_rate", float("nan"), "outer.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("inner.l2reg", -1.0, "inner.l2reg"),
+        ("inner.maxiter", 0, "inner.maxiter"),
+        ("meta_grad.estimator", "magic", "meta_grad.estimator"),
+        ("train.meta_batch_size", 0, "train.meta_batch_size"),
+        ("meta_grad.linear_solver", "lu", "meta_grad.linear_solver"),
+        ("parallel.backend", "mpi", "parallel.backend"),
+        ("outer.learning_rate", float("nan"), "outer.learning_rate"),
+    ],
+)
 def test_invalid_values_name_the_field(field, value, expected):
     config = config_lib.default_config()
     group, name = field.split(".")
@@ -44,8 +47,9 @@ def test_batch_not_divisible_by_devices_names_both_numbers_and_valid_sizes():
         config_lib.check_device_count(config, 4)
 
 
-@pytest.mark.parametrize("path", ["configs/sinusoid.py", "configs/notebook.py", "configs/smoke.py",
-                                  "configs/sinusoid_finn.py"])
+@pytest.mark.parametrize(
+    "path", ["configs/sinusoid.py", "configs/notebook.py", "configs/smoke.py", "configs/sinusoid_finn.py"]
+)
 def test_shipped_configs_are_valid(path):
     import importlib.util
     import os
@@ -58,18 +62,23 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_cli_rejects_unknown_key_before_any_work(tmp_path):
-    proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.not_a_field=1"])
+    proc = helpers.run_cli(
+        ["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.not_a_field=1"]
+    )
     assert proc.returncode != 0
     assert "not_a_field" in proc.stderr
     assert not (tmp_path / "w").exists()
 
 
 def test_cli_rejects_invalid_value_before_any_work(tmp_path):
-    proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.l2reg=-0.5"])
+    proc = helpers.run_cli(
+        ["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.l2reg=-0.5"]
+    )
     assert proc.returncode != 0
     assert "inner.l2reg" in proc.stderr and "> 0" in proc.stderr
     assert not (tmp_path / "w").exists()
-    proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={tmp_path}/w",
-                            "--config.meta_grad.estimator=magic"])
+    proc = helpers.run_cli(
+        ["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.meta_grad.estimator=magic"]
+    )
     assert proc.returncode != 0
     assert "meta_grad.estimator" in proc.stderr and "implicit" in proc.stderr

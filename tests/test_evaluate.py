@@ -26,8 +26,14 @@ from trainer import train_step as train_step_lib
 def run_evaluate_cli(args: list[str]) -> subprocess.CompletedProcess:
     """`python -m trainer.evaluate ARGS` with this session's devices and compile cache (so no recompile)."""
     env = dict(os.environ, PYTHONPATH=helpers.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "trainer.evaluate", *args], cwd=helpers.REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", *args],
+        cwd=helpers.REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,9 @@ def saved_run(tmp_path_factory):
     checkpointer = checkpointing.Checkpointer(workdir, config)
     params = {}
     for step in (2, 4):
-        meta_params = jax.tree.map(lambda p, s=step: np.asarray(p) * (1.0 + 0.1 * s),
-                                   model_lib.init_params(model, keys["init"]))
+        meta_params = jax.tree.map(
+            lambda p, s=step: np.asarray(p) * (1.0 + 0.1 * s), model_lib.init_params(model, keys["init"])
+        )
         state = train_step_lib.create_train_state(meta_params, optimizer, keys["train"])
         checkpointer.save(step, jax.tree.map(np.asarray, state.replace(step=np.int32(step))))
         params[step] = meta_params
@@ -63,10 +70,18 @@ def test_latest_checkpoint_matches_a_direct_evaluation(saved_run):
     # Reference: the evaluator run on the in-memory parameters, without config.json or the checkpoint.
     reference, _ = evaluation.Evaluator(config, model, tasks_lib.split_keys(config.seed)["eval"])(params[4])
     for method in evaluation.METHODS:
-        np.testing.assert_allclose(saved["methods"][method]["mse"]["mean"], reference[f"eval/{method}_mse"],
-                                   rtol=1e-10, err_msg=method)
-        np.testing.assert_allclose(saved["methods"][method]["mse"]["ci95"],
-                                   reference[f"eval/{method}_mse_ci95"], rtol=1e-10, err_msg=method)
+        np.testing.assert_allclose(
+            saved["methods"][method]["mse"]["mean"],
+            reference[f"eval/{method}_mse"],
+            rtol=1e-10,
+            err_msg=method,
+        )
+        np.testing.assert_allclose(
+            saved["methods"][method]["mse"]["ci95"],
+            reference[f"eval/{method}_mse_ci95"],
+            rtol=1e-10,
+            err_msg=method,
+        )
     assert saved["num_tasks"] == config.eval.num_tasks
     names = sorted(os.path.basename(p) for p in saved["figures"])
     assert names == ["step_4_predictions.png"]  # No metrics.jsonl here, so no training curves.

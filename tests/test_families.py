@@ -21,8 +21,9 @@ from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 
 SHARED = os.path.normpath(os.path.join(helpers.REPO, "..", "shared", "data", "omniglot"))
-REAL_CACHE = os.environ.get("IMAML_TEST_OMNIGLOT_CACHE",
-                            os.path.join(tempfile.gettempdir(), "imaml-test-omniglot-cache"))
+REAL_CACHE = os.environ.get(
+    "IMAML_TEST_OMNIGLOT_CACHE", os.path.join(tempfile.gettempdir(), "imaml-test-omniglot-cache")
+)
 
 
 def _omniglot_config(**overrides):
@@ -84,10 +85,12 @@ def test_classification_losses_match_numpy():
     logits = np.asarray(model.apply(params, x))
     assert logits.shape == (7, 3)
     log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    np.testing.assert_allclose(family.loss(model, params, x, y), -np.mean(log_softmax[np.arange(7), y]),
-                               rtol=1e-12)
-    np.testing.assert_allclose(family.task_metrics(model, params, x, y)["accuracy"],
-                               np.mean(logits.argmax(-1) == np.asarray(y)))
+    np.testing.assert_allclose(
+        family.loss(model, params, x, y), -np.mean(log_softmax[np.arange(7), y]), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        family.task_metrics(model, params, x, y)["accuracy"], np.mean(logits.argmax(-1) == np.asarray(y))
+    )
     baseline = family.baseline(dict(query_x=x))
     np.testing.assert_allclose(baseline["acc"], 1 / 3)
     np.testing.assert_allclose(baseline["loss"], math.log(3))
@@ -100,8 +103,9 @@ def test_conv_net_is_mamls_and_layer_norm_is_per_image():
     # 3x3 convs 1->64, 3 x 64->64 (kernels and biases), 4 norms (scale, bias), head 64->5.
     expected = (9 * 64 + 64) + 3 * (9 * 64 * 64 + 64) + 4 * 2 * 64 + (64 * 5 + 5)
     assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == expected == 112261
-    assert model.apply(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                       jnp.zeros((2, 28, 28, 1))).shape == (2, 5)
+    assert model.apply(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), jnp.zeros((2, 28, 28, 1))
+    ).shape == (2, 5)
 
     x = jax.random.uniform(jax.random.PRNGKey(1), (6, 8, 8, 1), jnp.float64)
     for normalization, independent in (("layer", True), ("none", True), ("batch", False)):
@@ -112,8 +116,14 @@ def test_conv_net_is_mamls_and_layer_norm_is_per_image():
 
 
 # Swish, not ReLU: tight inner convergence needs a smooth loss (L-BFGS stalls on ReLU kinks at residual ~0.1).
-TIGHT = {"inner.tol": 1e-10, "inner.maxiter": 1000, "meta_grad.solver_tol": 1e-12,
-         "meta_grad.solver_maxiter": 1000, "inner.l2reg": 0.5, "model.activation": "swish"}
+TIGHT = {
+    "inner.tol": 1e-10,
+    "inner.maxiter": 1000,
+    "meta_grad.solver_tol": 1e-12,
+    "meta_grad.solver_maxiter": 1000,
+    "inner.l2reg": 0.5,
+    "model.activation": "swish",
+}
 
 
 def test_conv_net_implicit_meta_gradient_matches_finite_differences():
@@ -123,8 +133,9 @@ def test_conv_net_implicit_meta_gradient_matches_finite_differences():
     family = families.get_family(config)
     model = family.make_model(config)
     theta = model_lib.init_params(model, jax.random.PRNGKey(0))
-    task = jax.tree.map(lambda a: a[0], family.sample(_synthetic_data(), jax.random.PRNGKey(1), 0,
-                                                      jnp.arange(1), jnp.float64))
+    task = jax.tree.map(
+        lambda a: a[0], family.sample(_synthetic_data(), jax.random.PRNGKey(1), 0, jnp.arange(1), jnp.float64)
+    )
     task_meta_grad = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, family))
     grad, metrics = task_meta_grad(theta, task)
     assert float(metrics["inner_converged"]) == 1.0, metrics
@@ -141,15 +152,17 @@ def test_conv_net_implicit_meta_gradient_matches_finite_differences():
     for i, direction in enumerate(jax.random.normal(jax.random.PRNGKey(2), (3, theta_flat.size))):
         direction = direction / jnp.linalg.norm(direction)
         fd = (meta_loss(theta_flat + eps * direction) - meta_loss(theta_flat - eps * direction)) / (2 * eps)
-        np.testing.assert_allclose(float(jnp.vdot(grad_flat, direction)), fd, rtol=1e-4, atol=1e-8,
-                                   err_msg=f"direction {i}")
+        np.testing.assert_allclose(
+            float(jnp.vdot(grad_flat, direction)), fd, rtol=1e-4, atol=1e-8, err_msg=f"direction {i}"
+        )
 
 
 def test_classification_evaluation_reports_accuracy_with_ci_and_chunks_exactly():
     """7 tasks in chunks of 3 (the last one padded with tasks that are dropped) against 4 tasks in chunks of
     3: a task's result does not depend on its chunk (one compiled program: chunks have one shape)."""
-    config = _omniglot_config(**{"eval.num_tasks": 7, "eval.batch_size": 3, "inner.maxiter": 20,
-                                 "inner.tol": 1e-6})
+    config = _omniglot_config(
+        **{"eval.num_tasks": 7, "eval.batch_size": 3, "inner.maxiter": 20, "inner.tol": 1e-6}
+    )
     family = families.get_family(config)
     model = family.make_model(config)
     theta = model_lib.init_params(model, jax.random.PRNGKey(0))
@@ -164,8 +177,11 @@ def test_classification_evaluation_reports_accuracy_with_ci_and_chunks_exactly()
             assert per_task.shape == (7,)
             np.testing.assert_allclose(per_task[:4], few["per_task"][f"{method}_{metric}"], rtol=1e-10)
             np.testing.assert_allclose(summary[f"eval/{method}_{metric}"], per_task.mean(), rtol=1e-12)
-            np.testing.assert_allclose(summary[f"eval/{method}_{metric}_ci95"],
-                                       1.96 * per_task.std(ddof=1) / math.sqrt(7), rtol=1e-10)
+            np.testing.assert_allclose(
+                summary[f"eval/{method}_{metric}_ci95"],
+                1.96 * per_task.std(ddof=1) / math.sqrt(7),
+                rtol=1e-10,
+            )
     assert summary["eval/chance_acc"] == pytest.approx(1 / 3) and summary["eval/chance_acc_ci95"] == 0
     assert summary["eval/num_tasks"] == 7 and few_summary["eval/num_tasks"] == 4
     assert 0 < summary["eval/adapted_acc"] < 1 and summary["eval/adapted_acc_ci95"] > 0
@@ -175,8 +191,10 @@ def test_classification_evaluation_reports_accuracy_with_ci_and_chunks_exactly()
     assert "chance 0.3333" in line
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "images_background.npz")),
-                    reason=f"the shared Omniglot data are not at {SHARED}")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(SHARED, "images_background.npz")),
+    reason=f"the shared Omniglot data are not at {SHARED}",
+)
 @pytest.mark.slow  # Two conv-net programs to compile (train step, evaluation): minutes on a busy 2-core CPU.
 def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     """5-way 1-shot on 300 meta-training characters, 14x14 images, a small conv net: held-out accuracy rises
@@ -198,7 +216,8 @@ def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     data = family.load_data(config)
     keys = tasks_lib.split_keys(config.seed)
     before, _ = evaluation.Evaluator(config, model, keys["eval"], data=data.test)(
-        model_lib.init_params(model, keys["init"]))
+        model_lib.init_params(model, keys["init"])
+    )
     result = train.train_and_evaluate(config, str(tmp_path))
     after = result.eval_summary
     assert "query_accuracy" in result.history[-1] and "support_accuracy" in result.history[-1]

@@ -43,7 +43,12 @@ def _rel_err(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-TIGHT = {"inner.tol": 1e-12, "inner.maxiter": 2000, "meta_grad.solver_tol": 1e-12, "meta_grad.solver_maxiter": 500}
+TIGHT = {
+    "inner.tol": 1e-12,
+    "inner.maxiter": 2000,
+    "meta_grad.solver_tol": 1e-12,
+    "meta_grad.solver_maxiter": 500,
+}
 
 
 def _exact_implicit_grad(config, model, theta, task):
@@ -55,7 +60,9 @@ def _exact_implicit_grad(config, model, theta, task):
     assert bool(stats.converged), f"inner solve did not converge: residual {stats.residual}"
     x_flat, unravel = ravel_pytree(x_star)
     hessian = jax.hessian(lambda v: problem.loss(unravel(v), tasks_lib.support(task)))(x_flat)
-    g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star))[0]
+    g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star))[
+        0
+    ]
     return unravel(lam * jnp.linalg.solve(hessian + lam * jnp.eye(x_flat.size), g_query))
 
 
@@ -87,7 +94,9 @@ def test_implicit_matches_finite_differences_of_solution_map():
     for _ in range(3):
         direction = jnp.asarray(rng.standard_normal(theta_flat.size))
         direction = direction / jnp.linalg.norm(direction)
-        fd = (meta_loss(unravel(theta_flat + eps * direction)) - meta_loss(unravel(theta_flat - eps * direction)))
+        fd = meta_loss(unravel(theta_flat + eps * direction)) - meta_loss(
+            unravel(theta_flat - eps * direction)
+        )
         fd = fd / (2 * eps)
         analytic = jnp.vdot(grad_flat, direction)
         assert abs(float(fd - analytic)) < 1e-4 * max(float(jnp.linalg.norm(grad_flat)), 1e-8), (fd, analytic)
@@ -127,8 +136,14 @@ def test_ridge_meta_gradient_matches_closed_form():
 
 
 def test_unrolled_agrees_with_implicit_when_inner_converges_fast():
-    overrides = {"inner.l2reg": 10.0, "inner.tol": 1e-12, "inner.maxiter": 800, "inner.unrolled_stepsize": 0.005,
-                 "meta_grad.solver_tol": 1e-12, "meta_grad.solver_maxiter": 500}
+    overrides = {
+        "inner.l2reg": 10.0,
+        "inner.tol": 1e-12,
+        "inner.maxiter": 800,
+        "inner.unrolled_stepsize": 0.005,
+        "meta_grad.solver_tol": 1e-12,
+        "meta_grad.solver_maxiter": 500,
+    }
     config, model, theta, batch = _setup(**overrides)
     task = _task(batch, 0)
     implicit, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
@@ -145,7 +160,8 @@ def test_first_order_is_query_gradient_at_solution():
     grad, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
     problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
     x_star, _ = meta_grad_lib.make_inner_solver(config, differentiable=False).solve(
-        problem, theta, theta, tasks_lib.support(task))
+        problem, theta, theta, tasks_lib.support(task)
+    )
     expected = jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star)
     assert _rel_err(grad, expected) < 1e-10
     exact = _exact_implicit_grad(config, model, theta, task)
@@ -155,7 +171,9 @@ def test_first_order_is_query_gradient_at_solution():
 def test_vmap_over_tasks_equals_loop_over_tasks():
     config, model, theta, batch = _setup(num_tasks=4, **{"inner.tol": 1e-10, "inner.maxiter": 500})
     task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model)
-    grads_T, metrics_T = jax.jit(lambda t, b: meta_grad_lib.batch_meta_grad(task_meta_grad, t, b))(theta, batch)
+    grads_T, metrics_T = jax.jit(lambda t, b: meta_grad_lib.batch_meta_grad(task_meta_grad, t, b))(
+        theta, batch
+    )
     single = jax.jit(task_meta_grad)
     for i in range(4):
         grad_i, metrics_i = single(theta, _task(batch, i))

@@ -17,12 +17,26 @@ from tests import helpers
 from trainer import evaluate, evaluation, monitoring, parallel, train
 
 NUM_STEPS = 4
-TRAIN_TAGS = ("train/query_loss", "train/support_loss", "train/grad_norm", "train/param_norm",
-              "train/update_norm", "train/learning_rate", "inner/iterations_mean", "inner/iterations_max",
-              "inner/residual_mean", "inner/residual_max", "inner/converged_fraction",
-              "inner/nonconverged_tasks", "inner/diverged_tasks", "perf/step_time_s", "perf/tasks_per_s")
-EVAL_TAGS = tuple(f"eval/{m}_mse{s}" for m in ("adapted", "prior", "zero", "scratch_prox", "scratch")
-                  for s in ("", "_ci95")) + ("eval/inner_converged_fraction", "perf/eval_time_s")
+TRAIN_TAGS = (
+    "train/query_loss",
+    "train/support_loss",
+    "train/grad_norm",
+    "train/param_norm",
+    "train/update_norm",
+    "train/learning_rate",
+    "inner/iterations_mean",
+    "inner/iterations_max",
+    "inner/residual_mean",
+    "inner/residual_max",
+    "inner/converged_fraction",
+    "inner/nonconverged_tasks",
+    "inner/diverged_tasks",
+    "perf/step_time_s",
+    "perf/tasks_per_s",
+)
+EVAL_TAGS = tuple(
+    f"eval/{m}_mse{s}" for m in ("adapted", "prior", "zero", "scratch_prox", "scratch") for s in ("", "_ci95")
+) + ("eval/inner_converged_fraction", "perf/eval_time_s")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +45,9 @@ def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = helpers.small_config(**{"train.num_steps": NUM_STEPS, "eval.every_steps": 2})
     result = train.train_and_evaluate(config, workdir)
-    events = EventAccumulator(monitoring.tensorboard_dir(workdir),
-                              size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events = EventAccumulator(
+        monitoring.tensorboard_dir(workdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
     events.Reload()
     return workdir, config, result, events
 
@@ -59,8 +74,8 @@ def test_training_scalars_are_written_every_step_and_finite(trained):
 
 def test_first_step_compile_time_and_eval_scalars(trained):
     _, _, result, events = trained
-    (compile_step, compile_s), = _scalars(events, "perf/compile_time_s")
-    (_, first_step_s), = _scalars(events, "perf/first_step_time_s")
+    ((compile_step, compile_s),) = _scalars(events, "perf/compile_time_s")
+    ((_, first_step_s),) = _scalars(events, "perf/first_step_time_s")
     assert compile_step == 1
     assert 0.0 < compile_s  # Tracing is timed even when the persistent cache holds the executable.
     assert compile_s <= first_step_s  # Compiling is part of the first step's wall time.
@@ -79,7 +94,10 @@ def test_config_text_hparams_and_figures_in_tensorboard(trained):
     shown_config = json.loads("\n".join(line[4:] for line in text.splitlines()))
     assert shown_config["inner"]["l2reg"] == config.inner.l2reg
     assert set(events.PluginTagToContent("hparams")) == {
-        "_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
     for tag in ("figures/predictions", "figures/training"):
         images = events.Images(tag)
         assert [im.step for im in images] == [2, NUM_STEPS], tag
@@ -104,10 +122,16 @@ def test_evaluate_on_the_trained_run_reproduces_its_last_evaluation(trained):
         saved = json.load(f)
     assert saved["step"] == NUM_STEPS
     for method in evaluation.METHODS:  # Same tasks, same random inits, restored parameters.
-        np.testing.assert_allclose(saved["methods"][method]["mse"]["mean"],
-                                   result.eval_summary[f"eval/{method}_mse"], rtol=1e-10, err_msg=method)
+        np.testing.assert_allclose(
+            saved["methods"][method]["mse"]["mean"],
+            result.eval_summary[f"eval/{method}_mse"],
+            rtol=1e-10,
+            err_msg=method,
+        )
     assert sorted(os.path.basename(p) for p in record["figures"]) == [
-        f"step_{NUM_STEPS}_predictions.png", f"step_{NUM_STEPS}_training.png"]
+        f"step_{NUM_STEPS}_predictions.png",
+        f"step_{NUM_STEPS}_training.png",
+    ]
     assert all(matplotlib.image.imread(p)[..., :3].std() > 0.05 for p in record["figures"])
 
 
@@ -137,9 +161,16 @@ def test_planted_nan_stops_the_run_naming_step_and_quantity(tmp_path, monkeypatc
 
 
 def test_check_finite_names_the_bad_quantity(small_config):
-    metrics = dict(query_loss=np.float64(0.1), support_loss=np.float64(0.2), grad_norm=np.float64(np.inf),
-                   param_norm=np.float64(1.0), update_norm=np.float64(0.0), inner_residual_max=np.float64(3),
-                   inner_nonconverged_tasks=np.float32(2), inner_diverged_tasks=np.float32(1))
+    metrics = dict(
+        query_loss=np.float64(0.1),
+        support_loss=np.float64(0.2),
+        grad_norm=np.float64(np.inf),
+        param_norm=np.float64(1.0),
+        update_norm=np.float64(0.0),
+        inner_residual_max=np.float64(3),
+        inner_nonconverged_tasks=np.float32(2),
+        inner_diverged_tasks=np.float32(1),
+    )
     expected = r"^step 7: grad_norm is inf; 1 of 8 tasks diverged .*; 2 of 8 inner solves did not converge"
     with pytest.raises(train.NonFiniteError, match=expected):
         train.check_finite(7, metrics, small_config)

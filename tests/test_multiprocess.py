@@ -28,16 +28,29 @@ from trainer import distributed, monitoring
 NUM_STEPS = 3
 # Well-conditioned and converged (lambda = 1, tight inner tolerance, tight CG), so that the only difference
 # between layouts is the order of the cross-device sums.
-TRAIN_FLAGS = ["--config=configs/smoke.py", f"--config.train.num_steps={NUM_STEPS}",
-               "--config.inner.l2reg=1.0", "--config.inner.tol=1e-10", "--config.inner.maxiter=500",
-               "--config.meta_grad.solver_tol=1e-12", "--config.meta_grad.solver_maxiter=200",
-               "--config.eval.every_steps=0", "--config.eval.num_tasks=2",
-               "--config.checkpoint.every_steps=0", "--config.logging.every_steps=1"]
+TRAIN_FLAGS = [
+    "--config=configs/smoke.py",
+    f"--config.train.num_steps={NUM_STEPS}",
+    "--config.inner.l2reg=1.0",
+    "--config.inner.tol=1e-10",
+    "--config.inner.maxiter=500",
+    "--config.meta_grad.solver_tol=1e-12",
+    "--config.meta_grad.solver_maxiter=200",
+    "--config.eval.every_steps=0",
+    "--config.eval.num_tasks=2",
+    "--config.checkpoint.every_steps=0",
+    "--config.logging.every_steps=1",
+]
 
 
 def _start_launcher(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, os.path.join(helpers.REPO, "launch", "local.py"), *args],
-                            cwd=helpers.REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(helpers.REPO, "launch", "local.py"), *args],
+        cwd=helpers.REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -73,8 +86,18 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     # Both runs at once: XLA compiles on one core per process, so three processes share two cores better.
     log_path = tmp_path / "launcher.log"
     with open(log_path, "w") as log:  # A file, not a pipe: nobody reads it while the reference runs.
-        launcher_proc = _start_launcher(["--num_processes", "2", "--devices_per_process", "2", "--",
-                                         *TRAIN_FLAGS, f"--workdir={two_dir}"], log)
+        launcher_proc = _start_launcher(
+            [
+                "--num_processes",
+                "2",
+                "--devices_per_process",
+                "2",
+                "--",
+                *TRAIN_FLAGS,
+                f"--workdir={two_dir}",
+            ],
+            log,
+        )
         try:
             one = helpers.run_cli([*TRAIN_FLAGS, f"--workdir={one_dir}"], num_devices=4)
             launcher_proc.wait(timeout=600)
@@ -101,24 +124,39 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
 
     one_state, two_state = _final_state(one_dir, NUM_STEPS), _final_state(two_dir, NUM_STEPS)
     assert int(one_state["step"]) == int(two_state["step"]) == NUM_STEPS
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.float64(a) - np.float64(b)))),
-                         one_state, two_state)
+    diffs = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.float64(a) - np.float64(b)))), one_state, two_state
+    )
     max_diff = max(jax.tree.leaves(diffs))
     print(f"max |state(2 processes x 2 devices) - state(1 process x 4 devices)| = {max_diff:.3g}")
     assert max_diff <= 1e-10, diffs
     # The comparison is not vacuous: training moved the parameters.
     assert all(m["update_norm"] > 1e-4 for m in two_metrics)
-    np.testing.assert_allclose([m["query_loss"] for m in two_metrics],
-                               [m["query_loss"] for m in one_metrics], rtol=1e-10)
+    np.testing.assert_allclose(
+        [m["query_loss"] for m in two_metrics], [m["query_loss"] for m in one_metrics], rtol=1e-10
+    )
 
 
 @pytest.mark.multiprocess
 def test_launcher_names_the_killed_process_and_stops_the_others(tmp_path):
-    cmd = [sys.executable, "-u", os.path.join(helpers.REPO, "launch", "local.py"), "--num_processes", "2",
-           "--devices_per_process", "1", "--grace_s", "5", "--", "--config=configs/smoke.py",
-           f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=100000"]
-    proc = subprocess.Popen(cmd, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-u",
+        os.path.join(helpers.REPO, "launch", "local.py"),
+        "--num_processes",
+        "2",
+        "--devices_per_process",
+        "1",
+        "--grace_s",
+        "5",
+        "--",
+        "--config=configs/smoke.py",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.train.num_steps=100000",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
     pids: dict[int, int] = {}
     killed = threading.Event()
@@ -152,11 +190,20 @@ def test_launcher_names_the_killed_process_and_stops_the_others(tmp_path):
 
 def _trainer_process(process_id: int, port: int, workdir: str, extra: list[str]) -> subprocess.Popen:
     env = launcher.process_env(dict(os.environ), "cpu", process_id, 1)
-    cmd = [sys.executable, "-m", "trainer.main", "--config=configs/smoke.py", f"--workdir={workdir}",
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
-           *extra]
-    return subprocess.Popen(cmd, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.main",
+        "--config=configs/smoke.py",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={process_id}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.mark.multiprocess
@@ -223,13 +270,24 @@ def test_cluster_fills_in_what_is_not_given():
     assert partial == distributed.Settings("node1:1234", None, None, "slurm")
 
 
-@pytest.mark.parametrize("kwargs, environ, message", [
-    (dict(coordinator_address="h:1"), {}, "missing --num_processes (or JAX_NUM_PROCESSES), --process_id"),
-    (dict(num_processes=2, process_id=0), {}, "missing --coordinator_address"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), {}, "0 <= process_id < num_processes"),
-    (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), {}, "expected HOST:PORT"),
-    (dict(coordinator_address="h:1", process_id=0), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, environ, message",
+    [
+        (dict(coordinator_address="h:1"), {}, "missing --num_processes (or JAX_NUM_PROCESSES), --process_id"),
+        (dict(num_processes=2, process_id=0), {}, "missing --coordinator_address"),
+        (
+            dict(coordinator_address="h:1", num_processes=2, process_id=2),
+            {},
+            "0 <= process_id < num_processes",
+        ),
+        (dict(coordinator_address="10.0.0.1", num_processes=2, process_id=0), {}, "expected HOST:PORT"),
+        (
+            dict(coordinator_address="h:1", process_id=0),
+            {"JAX_NUM_PROCESSES": "two"},
+            "JAX_NUM_PROCESSES='two'",
+        ),
+    ],
+)
 def test_bad_settings_name_the_setting(kwargs, environ, message):
     with pytest.raises(distributed.DistributedError, match=re.escape(message)):
         distributed.resolve(**kwargs, environ=environ, cluster=NO_CLUSTER)
@@ -238,8 +296,10 @@ def test_bad_settings_name_the_setting(kwargs, environ, message):
 def test_launcher_gives_each_process_its_own_devices():
     base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false"}
     env = launcher.process_env(base, "cpu", 1, 2)
-    assert env["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
-                                        "--xla_force_host_platform_device_count=2"]
+    assert env["XLA_FLAGS"].split() == [
+        "--xla_cpu_enable_fast_math=false",
+        "--xla_force_host_platform_device_count=2",
+    ]
     assert env["JAX_PLATFORMS"] == "cpu"
     gpu_env = launcher.process_env({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "gpu", 1, 2)
     assert gpu_env["CUDA_VISIBLE_DEVICES"] == "6,7"

@@ -28,11 +28,14 @@ from trainer import model as model_lib
 from trainer import omniglot as omniglot_lib
 
 SHARED = os.path.normpath(os.path.join(helpers.REPO, "..", "shared", "data", "omniglot"))
-needs_shared = pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "images_background.npz")),
-                                  reason=f"the shared Omniglot data are not at {SHARED}")
+needs_shared = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(SHARED, "images_background.npz")),
+    reason=f"the shared Omniglot data are not at {SHARED}",
+)
 # The resized arrays of the real data, kept between test sessions (rebuilt in ~15 s when absent).
-REAL_CACHE = os.environ.get("IMAML_TEST_OMNIGLOT_CACHE",
-                            os.path.join(tempfile.gettempdir(), "imaml-test-omniglot-cache"))
+REAL_CACHE = os.environ.get(
+    "IMAML_TEST_OMNIGLOT_CACHE", os.path.join(tempfile.gettempdir(), "imaml-test-omniglot-cache")
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,15 +64,19 @@ def _write_layout(images: np.ndarray, first_id: int, write) -> None:
     """images bool [C, 20, 105, 105] as <Alphabet>/characterNN/XXXX_YY.png via write(relative_path, bytes)."""
     for c, character in enumerate(images):
         for d, image in enumerate(character):
-            write(f"Alphabet_{c % 2}/character{c // 2 + 1:02d}/{first_id + c:04d}_{d + 1:02d}.png",
-                  _png_bytes(image))
+            write(
+                f"Alphabet_{c % 2}/character{c // 2 + 1:02d}/{first_id + c:04d}_{d + 1:02d}.png",
+                _png_bytes(image),
+            )
 
 
 @pytest.fixture(scope="module")
 def _tiny_images():
     rng = np.random.RandomState(0)
-    return {name: _strokes(rng, count * 20).reshape(count, 20, 105, 105)
-            for name, count in (("background", 3), ("evaluation", 2))}
+    return {
+        name: _strokes(rng, count * 20).reshape(count, 20, 105, 105)
+        for name, count in (("background", 3), ("evaluation", 2))
+    }
 
 
 @pytest.fixture
@@ -82,8 +89,11 @@ def tiny_sets(_tiny_images, monkeypatch):
 
 def _write_npz(directory, sets):
     for name, images in sets.items():
-        np.savez(os.path.join(directory, f"images_{name}.npz"), images=images,
-                 labels=np.repeat(np.arange(len(images))[:, None], 20, 1))
+        np.savez(
+            os.path.join(directory, f"images_{name}.npz"),
+            images=images,
+            labels=np.repeat(np.arange(len(images))[:, None], 20, 1),
+        )
 
 
 def _write_folders(directory, sets):
@@ -103,8 +113,9 @@ def _write_zip(path, top, images, first_id):
         _write_layout(images, first_id, lambda p, data: zf.writestr(f"{top}/{p}", data))
     with open(path, "rb") as f:
         content = f.read()
-    return omniglot_lib.Archive(url="file://" + os.path.abspath(path), md5=hashlib.md5(content).hexdigest(),
-                                size=len(content))
+    return omniglot_lib.Archive(
+        url="file://" + os.path.abspath(path), md5=hashlib.md5(content).hexdigest(), size=len(content)
+    )
 
 
 def _expected(sets, size):
@@ -120,8 +131,15 @@ def test_npz_folders_and_archives_give_identical_arrays(tiny_sets, tmp_path, mon
         (tmp_path / kind).mkdir()
     _write_npz(str(tmp_path / "npz"), tiny_sets)
     _write_folders(str(tmp_path / "folders"), tiny_sets)
-    archives = {name: _write_zip(str(tmp_path / "zips" / f"images_{name}.zip"), f"images_{name}", images,
-                                 omniglot_lib.FIRST_ID[name]) for name, images in tiny_sets.items()}
+    archives = {
+        name: _write_zip(
+            str(tmp_path / "zips" / f"images_{name}.zip"),
+            f"images_{name}",
+            images,
+            omniglot_lib.FIRST_ID[name],
+        )
+        for name, images in tiny_sets.items()
+    }
     monkeypatch.setattr(omniglot_lib, "ARCHIVES", archives)
     expected = _expected(tiny_sets, 12)
     for kind in ("npz", "folders", "zips"):
@@ -148,14 +166,22 @@ def test_download_is_checked_before_it_is_used(tiny_sets, tmp_path, monkeypatch)
     """file:// stands in for the network: a good archive is downloaded and read; a bad one leaves nothing."""
     source = tmp_path / "server"
     source.mkdir()
-    archives = {name: _write_zip(str(source / f"images_{name}.zip"), f"images_{name}", images,
-                                 omniglot_lib.FIRST_ID[name]) for name, images in tiny_sets.items()}
+    archives = {
+        name: _write_zip(
+            str(source / f"images_{name}.zip"), f"images_{name}", images, omniglot_lib.FIRST_ID[name]
+        )
+        for name, images in tiny_sets.items()
+    }
     cache = tmp_path / "cache"
-    bad = dict(archives, evaluation=omniglot_lib.Archive(archives["evaluation"].url, "0" * 32,
-                                                         archives["evaluation"].size))
+    bad = dict(
+        archives,
+        evaluation=omniglot_lib.Archive(archives["evaluation"].url, "0" * 32, archives["evaluation"].size),
+    )
     monkeypatch.setattr(omniglot_lib, "ARCHIVES", bad)
-    with pytest.raises(omniglot_lib.OmniglotError,
-                       match=r"download of file://.*images_evaluation\.zip: md5 .*expected 0{32}.*not saved"):
+    with pytest.raises(
+        omniglot_lib.OmniglotError,
+        match=r"download of file://.*images_evaluation\.zip: md5 .*expected 0{32}.*not saved",
+    ):
         omniglot_lib.load("", str(cache), image_size=8)
     assert sorted(os.listdir(cache)) == ["images_background.zip"]  # No partial or corrupted file kept.
 
@@ -163,8 +189,9 @@ def test_download_is_checked_before_it_is_used(tiny_sets, tmp_path, monkeypatch)
     np.testing.assert_array_equal(omniglot_lib.load("", str(cache), image_size=8), _expected(tiny_sets, 8))
     assert "images_evaluation.zip" in os.listdir(cache)
 
-    missing = dict(archives, background=omniglot_lib.Archive("file:///nonexistent/images_background.zip",
-                                                             "0" * 32, 1))
+    missing = dict(
+        archives, background=omniglot_lib.Archive("file:///nonexistent/images_background.zip", "0" * 32, 1)
+    )
     monkeypatch.setattr(omniglot_lib, "ARCHIVES", missing)
     with pytest.raises(omniglot_lib.OmniglotError, match=r"could not download .*tasks\.data_dir"):
         omniglot_lib.load("", str(tmp_path / "empty_cache"), image_size=8)
@@ -181,13 +208,16 @@ def test_corrupted_or_truncated_archive_fails_its_checksum(tiny_sets, tmp_path, 
         byte = f.read(1)
         f.seek(archive.size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(omniglot_lib.OmniglotError,
-                       match=rf"{re.escape(path)}: md5 [0-9a-f]{{32}}, expected {archive.md5}"):
+    with pytest.raises(
+        omniglot_lib.OmniglotError, match=rf"{re.escape(path)}: md5 [0-9a-f]{{32}}, expected {archive.md5}"
+    ):
         omniglot_lib.load(str(tmp_path), str(tmp_path / "cache"), image_size=8)
     with open(path, "r+b") as f:
         f.truncate(archive.size - 10)
-    with pytest.raises(omniglot_lib.OmniglotError,
-                       match=rf"{re.escape(path)}: {archive.size - 10} bytes, expected {archive.size}"):
+    with pytest.raises(
+        omniglot_lib.OmniglotError,
+        match=rf"{re.escape(path)}: {archive.size - 10} bytes, expected {archive.size}",
+    ):
         omniglot_lib.verify_archive(path, archive)
 
 
@@ -222,7 +252,8 @@ def test_folders_of_the_wrong_shape_are_clear_errors(tiny_sets, tmp_path):
         omniglot_lib.load_png_folder(str(tmp_path / "missing"))
     shutil.rmtree(tmp_path / "images_evaluation" / "Alphabet_1")  # A set with a character missing.
     (root / "Alphabet_0" / "character01" / "0001_07.png").write_bytes(
-        _png_bytes(tiny_sets["background"][0, 6]))
+        _png_bytes(tiny_sets["background"][0, 6])
+    )
     with pytest.raises(omniglot_lib.OmniglotError, match=r"images_evaluation: 1 characters .*expected the 2"):
         omniglot_lib.load(str(tmp_path), str(tmp_path / "cache"), image_size=8, allow_download=False)
 
@@ -231,8 +262,16 @@ def test_resize_matches_pil_lanczos(tiny_sets):
     images = tiny_sets["background"][:2].reshape(-1, 105, 105)
     for size in (28, 14):
         ours = omniglot_lib.resize(images, size).astype(int)
-        pil = np.stack([np.asarray(Image.fromarray(np.where(im, 0, 255).astype(np.uint8), "L").resize(
-            (size, size), Image.LANCZOS)) for im in images]).astype(int)
+        pil = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(np.where(im, 0, 255).astype(np.uint8), "L").resize(
+                        (size, size), Image.LANCZOS
+                    )
+                )
+                for im in images
+            ]
+        ).astype(int)
         assert np.abs(ours - pil).max() <= 1, size  # PIL's fixed-point arithmetic rounds differently.
         assert np.mean(ours != pil) < 1e-3, size
 
@@ -311,8 +350,8 @@ def test_sampled_tasks_have_the_right_shapes_labels_and_images(rotate):
             assert len(set(drawers[c])) == k + q  # Support and query images are distinct drawings.
             expected = np.rot90(data["images"][classes[c] - 100, drawers[c]], turns[c], axes=(-2, -1))
             grey = lambda x: np.rint(x[..., 0] * 255)  # Back to the stored grey levels (x = level / 255).
-            np.testing.assert_array_equal(grey(batch["support_x"][t, c * k:(c + 1) * k]), expected[:k])
-            np.testing.assert_array_equal(grey(batch["query_x"][t, c * q:(c + 1) * q]), expected[k:])
+            np.testing.assert_array_equal(grey(batch["support_x"][t, c * k : (c + 1) * k]), expected[:k])
+            np.testing.assert_array_equal(grey(batch["query_x"][t, c * q : (c + 1) * q]), expected[k:])
     if rotate:
         assert set(batch["rotations"].ravel()) == {0, 1, 2, 3}
     else:
@@ -327,8 +366,9 @@ def test_sampled_tasks_have_the_right_shapes_labels_and_images(rotate):
 def test_backends_sample_from_device_data_like_the_family():
     """The image array is an argument placed once on every device (not a compile-time constant): the sharded
     sampler over 4 devices gives the family's tasks."""
-    config = _omniglot_config(**{"train.meta_batch_size": 8, "parallel.num_devices": 4,
-                                 "parallel.backend": "shard_map"})
+    config = _omniglot_config(
+        **{"train.meta_batch_size": 8, "parallel.num_devices": 4, "parallel.backend": "shard_map"}
+    )
     family = families.get_family(config)
     data = dict(images=_coded_images(12), ids=np.arange(1, 13, dtype=np.int32))
     backend = parallel.make_backend(config, task_meta_grad=None, optimizer=None, dtype=jnp.float32, data=data)
@@ -337,8 +377,9 @@ def test_backends_sample_from_device_data_like_the_family():
     direct = family.sample(data, jax.random.PRNGKey(5), 2, jnp.arange(8), jnp.float32)
     for name in direct:
         np.testing.assert_array_equal(np.asarray(sharded[name]), np.asarray(direct[name]), err_msg=name)
-    lowered = backend._sample_jit.lower(backend.data, jax.random.PRNGKey(5), jnp.int32(2),
-                                        backend.task_indices)
+    lowered = backend._sample_jit.lower(
+        backend.data, jax.random.PRNGKey(5), jnp.int32(2), backend.task_indices
+    )
     assert len(jax.tree.leaves(lowered.args_info)) == 5  # images, ids, key, step, indices: data are inputs.
 
 
@@ -362,19 +403,27 @@ def test_real_split_and_tasks_use_only_their_characters():
 
 
 def test_config_refuses_impossible_omniglot_tasks():
-    for overrides, field in (({"tasks.num_support": 12, "tasks.num_query": 9}, "tasks.num_support"),
-                             ({"tasks.num_ways": 50, "tasks.num_train_classes": 40}, "tasks.num_ways"),
-                             ({"tasks.num_train_classes": 1623}, "tasks.num_train_classes"),
-                             ({"tasks.split": "background", "tasks.num_train_classes": 1000},
-                              "tasks.num_train_classes"),
-                             ({"tasks.data_dir": None}, "tasks.data_dir"),
-                             ({"model.normalization": "running_batch"}, "model.normalization")):
+    for overrides, field in (
+        ({"tasks.num_support": 12, "tasks.num_query": 9}, "tasks.num_support"),
+        ({"tasks.num_ways": 50, "tasks.num_train_classes": 40}, "tasks.num_ways"),
+        ({"tasks.num_train_classes": 1623}, "tasks.num_train_classes"),
+        ({"tasks.split": "background", "tasks.num_train_classes": 1000}, "tasks.num_train_classes"),
+        ({"tasks.data_dir": None}, "tasks.data_dir"),
+        ({"model.normalization": "running_batch"}, "model.normalization"),
+    ):
         with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
             _omniglot_config(**overrides)
 
 
-@pytest.mark.parametrize("name,ways,shots", [("omniglot_5way1shot", 5, 1), ("omniglot_5way5shot", 5, 5),
-                                             ("omniglot_20way1shot", 20, 1), ("omniglot_20way5shot", 20, 5)])
+@pytest.mark.parametrize(
+    "name,ways,shots",
+    [
+        ("omniglot_5way1shot", 5, 1),
+        ("omniglot_5way5shot", 5, 5),
+        ("omniglot_20way1shot", 20, 1),
+        ("omniglot_20way5shot", 20, 5),
+    ],
+)
 def test_paper_configs(name, ways, shots):
     import importlib.util
 
@@ -382,12 +431,26 @@ def test_paper_configs(name, ways, shots):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = config_lib.validate(module.get_config())
-    assert (c.tasks.family, c.tasks.num_ways, c.tasks.num_support, c.tasks.num_query) == ("omniglot", ways,
-                                                                                           shots, shots)
-    assert (c.inner.l2reg, c.meta_grad.solver_maxiter, c.train.meta_batch_size, c.outer.learning_rate,
-            c.outer.optimizer, c.model.dtype) == (2.0, 5, 32, 1e-3, "adam", "float32")
+    assert (c.tasks.family, c.tasks.num_ways, c.tasks.num_support, c.tasks.num_query) == (
+        "omniglot",
+        ways,
+        shots,
+        shots,
+    )
+    assert (
+        c.inner.l2reg,
+        c.meta_grad.solver_maxiter,
+        c.train.meta_batch_size,
+        c.outer.learning_rate,
+        c.outer.optimizer,
+        c.model.dtype,
+    ) == (2.0, 5, 32, 1e-3, "adam", "float32")
     assert (c.tasks.num_train_classes, c.eval.num_tasks, c.model.conv_width, c.model.conv_blocks) == (
-        1200, 600, 64, 4)
+        1200,
+        600,
+        64,
+        4,
+    )
     assert f"--config=configs/{name}.py" in module.__doc__
 
 
@@ -413,8 +476,16 @@ def test_one_shot_runs_load_with_correct_labels():
 
 def test_one_shot_runs_accuracy_adapts_per_run():
     """Runs whose test images are their training images (shuffled): an adapted net classifies them all."""
-    config = _omniglot_config(**{"tasks.num_ways": 5, "inner.l2reg": 1e-3, "inner.maxiter": 150,
-                                 "inner.tol": 1e-6, "model.dtype": "float64", "model.conv_width": 8})
+    config = _omniglot_config(
+        **{
+            "tasks.num_ways": 5,
+            "inner.l2reg": 1e-3,
+            "inner.maxiter": 150,
+            "inner.tol": 1e-6,
+            "model.dtype": "float64",
+            "model.conv_width": 8,
+        }
+    )
     rng = np.random.RandomState(0)
     train = _coded_images(3 * 5).reshape(3, 5, 20, 6, 6)[:, :, 0]  # 3 runs of 5 classes
     labels = np.stack([rng.permutation(5) for _ in range(3)]).astype(np.int32)

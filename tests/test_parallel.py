@@ -18,13 +18,19 @@ from tests import helpers
 from trainer import config as config_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
-from trainer import optim
-from trainer import parallel
+from trainer import optim, parallel
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
-WELL_CONDITIONED = {"inner.l2reg": 1.0, "inner.tol": 1e-12, "inner.maxiter": 1000, "meta_grad.solver_tol": 1e-12,
-                    "meta_grad.solver_maxiter": 200, "outer.optimizer": "sgd", "outer.learning_rate": 0.1}
+WELL_CONDITIONED = {
+    "inner.l2reg": 1.0,
+    "inner.tol": 1e-12,
+    "inner.maxiter": 1000,
+    "meta_grad.solver_tol": 1e-12,
+    "meta_grad.solver_maxiter": 200,
+    "outer.optimizer": "sgd",
+    "outer.learning_rate": 0.1,
+}
 
 
 def run_steps(config, backend_name, num_devices, num_steps):
@@ -35,10 +41,15 @@ def run_steps(config, backend_name, num_devices, num_steps):
     model = model_lib.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
     optimizer, _ = optim.make_optimizer(config)
-    backend = parallel.make_backend(config, meta_grad_lib.make_task_meta_grad(config, model), optimizer,
-                                    model_lib.dtype_of(config))
-    host = jax.tree.map(np.asarray, train_step_lib.create_train_state(
-        model_lib.init_params(model, keys["init"]), optimizer, keys["train"]))
+    backend = parallel.make_backend(
+        config, meta_grad_lib.make_task_meta_grad(config, model), optimizer, model_lib.dtype_of(config)
+    )
+    host = jax.tree.map(
+        np.asarray,
+        train_step_lib.create_train_state(
+            model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
+        ),
+    )
     state = backend.put_state(host)
     states, metrics = [host], []
     for step in range(num_steps):
@@ -69,15 +80,18 @@ def test_sharded_equals_unsharded(reference, backend_name, num_devices):
     lr = config.outer.learning_rate
     ref_grad = (flat_params(ref_states[0]) - flat_params(ref_states[1])) / lr
     grad = (flat_params(states[0]) - flat_params(states[1])) / lr
-    print(f"{backend_name} x{num_devices}: max |meta-grad diff| {np.abs(grad - ref_grad).max():.2e}, max |param "
-          f"diff| after 2 steps {np.abs(flat_params(states[2]) - flat_params(ref_states[2])).max():.2e}")
+    print(
+        f"{backend_name} x{num_devices}: max |meta-grad diff| {np.abs(grad - ref_grad).max():.2e}, max |param "
+        f"diff| after 2 steps {np.abs(flat_params(states[2]) - flat_params(ref_states[2])).max():.2e}"
+    )
     np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-10)
     np.testing.assert_allclose(flat_params(states[2]), flat_params(ref_states[2]), rtol=0, atol=1e-10)
     for name in ("query_loss", "support_loss", "grad_norm", "inner_nonconverged_tasks"):
         np.testing.assert_allclose(metrics[1][name], ref_metrics[1][name], rtol=1e-9, err_msg=name)
     # Iteration counts may differ by a few where rounding decides on which iteration tol 1e-12 is crossed.
-    np.testing.assert_allclose(metrics[1]["inner_iterations_mean"], ref_metrics[1]["inner_iterations_mean"],
-                               rtol=0.1)
+    np.testing.assert_allclose(
+        metrics[1]["inner_iterations_mean"], ref_metrics[1]["inner_iterations_mean"], rtol=0.1
+    )
     assert metrics[1]["inner_iterations_max_per_device"].shape == (num_devices,)
     assert int(states[2].step) == 2
     assert backend.num_traces == 1  # compiled once for the two steps
@@ -95,8 +109,15 @@ def test_each_device_stops_with_its_own_tasks():
 
 def test_ill_conditioned_meta_gradient_agrees_loosely():
     """lambda = 0.01, unconverged inner solves: rounding is amplified, so only a loose agreement is fair."""
-    config = helpers.small_config(**{"inner.l2reg": 0.01, "inner.maxiter": 100, "inner.tol": 1e-10,
-                                     "outer.optimizer": "sgd", "outer.learning_rate": 0.1})
+    config = helpers.small_config(
+        **{
+            "inner.l2reg": 0.01,
+            "inner.maxiter": 100,
+            "inner.tol": 1e-10,
+            "outer.optimizer": "sgd",
+            "outer.learning_rate": 0.1,
+        }
+    )
     _, ref_states, ref = run_steps(config, "none", 1, 1)
     _, states, sharded = run_steps(config, "shard_map", 4, 1)
     assert ref[0]["inner_converged_fraction"] < 1.0  # the ill-conditioned premise holds
@@ -114,9 +135,16 @@ def test_cli_on_four_devices_writes_same_metrics_as_on_one(tmp_path):
     records = {}
     for devices in (1, 4):
         workdir = tmp_path / f"d{devices}"
-        proc = helpers.run_cli(["--config=configs/smoke.py", f"--workdir={workdir}", "--config.train.num_steps=2",
-                                "--config.eval.every_steps=0", "--config.logging.every_steps=1"],
-                               num_devices=devices)
+        proc = helpers.run_cli(
+            [
+                "--config=configs/smoke.py",
+                f"--workdir={workdir}",
+                "--config.train.num_steps=2",
+                "--config.eval.every_steps=0",
+                "--config.logging.every_steps=1",
+            ],
+            num_devices=devices,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"on {devices} device(s) (shard_map" in proc.stdout
         records[devices] = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

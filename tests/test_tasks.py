@@ -17,7 +17,8 @@ def test_shapes_and_ranges():
     assert np.all((batch["amplitude"] >= cfg.amplitude_min) & (batch["amplitude"] <= cfg.amplitude_max))
     assert np.all((batch["query_x"] >= cfg.x_min) & (batch["query_x"] <= cfg.x_max))
     expected = batch["amplitude"][:, None, None] * np.sin(
-        batch["frequency"][:, None, None] * batch["support_x"] + batch["phase"][:, None, None])
+        batch["frequency"][:, None, None] * batch["support_x"] + batch["phase"][:, None, None]
+    )
     np.testing.assert_allclose(batch["support_y"], expected, rtol=1e-12)
 
 

@@ -91,8 +91,11 @@ def differing_maths_fields(saved: dict[str, Any], current: ml_collections.Config
     names = list(config_lib.maths_fields())
     if "constant" not in (saved_flat.get("outer.schedule"), current_flat.get("outer.schedule")):
         names.append("train.num_steps")
-    return [f"{name} (saved {saved_flat.get(name)!r}, now {current_flat.get(name)!r})"
-            for name in names if saved_flat.get(name) != current_flat.get(name)]
+    return [
+        f"{name} (saved {saved_flat.get(name)!r}, now {current_flat.get(name)!r})"
+        for name in names
+        if saved_flat.get(name) != current_flat.get(name)
+    ]
 
 
 def _abstract(template: Any) -> Any:
@@ -117,8 +120,9 @@ class Checkpointer:
         self.config = config
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         ck = config.checkpoint
-        options = ocp.CheckpointManagerOptions(max_to_keep=ck.max_to_keep, create=True,
-                                               enable_async_checkpointing=ck.async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ck.max_to_keep, create=True, enable_async_checkpointing=ck.async_save
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def step_path(self, step: int) -> str:
@@ -140,22 +144,32 @@ class Checkpointer:
         # A copy: np.asarray of a CPU jax.Array may share the device buffer, which the next (donating) step
         # reuses while the background save still reads it.
         state_copy = jax.tree.map(np.array, host_state)
-        meta = {"step": int(step), "config": config_lib.to_dict(self.config),
-                "process_count": jax.process_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                **(extra_meta or {})}
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_copy),
-                                                               meta=ocp.args.JsonSave(meta)), force=True)
+        meta = {
+            "step": int(step),
+            "config": config_lib.to_dict(self.config),
+            "process_count": jax.process_count(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra_meta or {}),
+        }
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state_copy), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
 
     def _check_step(self, step: int) -> None:
         if step not in self.all_steps():
-            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} "
-                                  f"(available: {self.all_steps() or 'none'})")
+            raise CheckpointError(
+                f"no complete checkpoint for step {step} in {self.directory} "
+                f"(available: {self.all_steps() or 'none'})"
+            )
 
     def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
         return CheckpointError(
             f"checkpoint step {step} at {self.step_path(step)} cannot be read ({what}: "
             f"{type(error).__name__}: {error}); choose another step with --restore_step "
-            f"(available: {self.all_steps()})")
+            f"(available: {self.all_steps()})"
+        )
 
     def saved_meta(self, step: int) -> dict[str, Any]:
         """The `meta` item of `step`: {'step', 'config', 'process_count', 'time', ...}."""
@@ -170,13 +184,15 @@ class Checkpointer:
         self._check_step(step)
         try:
             restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template))))["state"]
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template)))
+            )["state"]
         except Exception as e:  # orbax raises many types for damaged files.
             raise self._unreadable(step, "its state item", e) from e
         return jax.tree.map(np.asarray, restored)
 
-    def restore_for_resume(self, template: Any, *, restore_step: int | None = None,
-                           allow_config_change: bool = False, log=print) -> Any:
+    def restore_for_resume(
+        self, template: Any, *, restore_step: int | None = None, allow_config_change: bool = False, log=print
+    ) -> Any:
         """The state to train from: `template` if there is no checkpoint, else the latest (or `restore_step`).
 
         Refuses a checkpoint whose config differs in a maths field unless `allow_config_change`. When an
@@ -194,15 +210,18 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} was written by a different experiment; fields "
                 f"that change the maths differ: {'; '.join(differing)}. Use another --workdir, or pass "
-                "--allow_config_change to continue anyway")
+                "--allow_config_change to continue anyway"
+            )
         if differing:
             log(f"warning: continuing with changed maths fields: {'; '.join(differing)}")
         state = self.restore(step, template)
         later = [s for s in steps if s > step]
         if later:
             self._set_aside(later)
-            log(f"resuming from step {step}: moved the later checkpoints {later} to "
-                f"{os.path.join(self.workdir, SUPERSEDED_DIR)}")
+            log(
+                f"resuming from step {step}: moved the later checkpoints {later} to "
+                f"{os.path.join(self.workdir, SUPERSEDED_DIR)}"
+            )
         return state
 
     def _set_aside(self, steps: list[int]) -> None:
@@ -252,8 +271,11 @@ class PreemptionWatcher:
         if self._multiprocess:
             os.kill(os.getpid(), signal.SIGTERM)  # Reaches JAX's preemption notifier (a C-level handler).
         else:
-            print(f"{self.reason} received: saving a checkpoint after the current step, then exiting "
-                  "(Ctrl-C again aborts without saving)", flush=True)
+            print(
+                f"{self.reason} received: saving a checkpoint after the current step, then exiting "
+                "(Ctrl-C again aborts without saving)",
+                flush=True,
+            )
 
     def __enter__(self) -> PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():

@@ -97,7 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Linear solver for (Hessian of L_support at x* + lambda I) v = g; the matrix is SPD, so CG.
     c.meta_grad.linear_solver = "cg"
     c.meta_grad.solver_maxiter = 200  # Iteration cap of that linear solve.
-    c.meta_grad.solver_tol = 1e-10  # Its tolerance (jaxopt's default 1e-5 gave 68% error in our measurements).
+    c.meta_grad.solver_tol = (
+        1e-10  # Its tolerance (jaxopt's default 1e-5 gave 68% error in our measurements).
+    )
 
     c.outer = ml_collections.ConfigDict()
     c.outer.optimizer = "adam"  # One of OPTIMIZERS.
@@ -194,12 +196,19 @@ def _int(minimum: int) -> Callable[[Any], str | None]:
 
 
 def _positive(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
     return None if ok else "a finite number > 0"
 
 
 def _non_negative(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
     return None if ok else "a finite number >= 0"
 
 
@@ -223,7 +232,7 @@ def _str(value) -> str | None:
 
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int(0),
-    "compile_cache_dir": lambda v: None if isinstance(v, str) else "a path, \"\" or \"none\"",
+    "compile_cache_dir": lambda v: None if isinstance(v, str) else 'a path, "" or "none"',
     "model.hidden_sizes": _widths,
     "model.activation": _choice(ACTIVATIONS),
     "model.dtype": _choice(DTYPES),
@@ -313,18 +322,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         expected = rule(flat[name])
         if expected is not None:
             raise ConfigError(f"config field '{name}' = {flat[name]!r} is invalid: expected {expected}")
-    for low, high in (("amplitude_min", "amplitude_max"), ("frequency_min", "frequency_max"),
-                      ("phase_min", "phase_max"), ("x_min", "x_max")):
+    for low, high in (
+        ("amplitude_min", "amplitude_max"),
+        ("frequency_min", "frequency_max"),
+        ("phase_min", "phase_max"),
+        ("x_min", "x_max"),
+    ):
         if flat[f"tasks.{low}"] > flat[f"tasks.{high}"]:
-            raise ConfigError(f"config field 'tasks.{low}' = {flat[f'tasks.{low}']} must be <= "
-                              f"'tasks.{high}' = {flat[f'tasks.{high}']}")
+            raise ConfigError(
+                f"config field 'tasks.{low}' = {flat[f'tasks.{low}']} must be <= "
+                f"'tasks.{high}' = {flat[f'tasks.{high}']}"
+            )
     fixed = flat["tasks.num_fixed_train_tasks"]
     if fixed and flat["train.meta_batch_size"] > fixed:
-        raise ConfigError(f"config field 'train.meta_batch_size' = {flat['train.meta_batch_size']} exceeds "
-                          f"'tasks.num_fixed_train_tasks' = {fixed}: a step cannot use a task twice")
+        raise ConfigError(
+            f"config field 'train.meta_batch_size' = {flat['train.meta_batch_size']} exceeds "
+            f"'tasks.num_fixed_train_tasks' = {fixed}: a step cannot use a task twice"
+        )
     if flat["model.dtype"] == "float32" and flat["inner.tol"] < 1e-7:
-        raise ConfigError(f"config field 'inner.tol' = {flat['inner.tol']} is unreachable in float32: "
-                          "expected >= 1e-7, or model.dtype = 'float64'")
+        raise ConfigError(
+            f"config field 'inner.tol' = {flat['inner.tol']} is unreachable in float32: "
+            "expected >= 1e-7, or model.dtype = 'float64'"
+        )
     if flat["tasks.family"] == "omniglot":
         _validate_omniglot(flat)
     return config
@@ -345,18 +364,26 @@ def omniglot_class_limits(split: str, num_train_classes: int) -> tuple[int, int]
 def _validate_omniglot(flat: dict[str, Any]) -> None:
     shots = flat["tasks.num_support"] + flat["tasks.num_query"]
     if shots > OMNIGLOT_DRAWERS:
-        raise ConfigError(f"config fields 'tasks.num_support' + 'tasks.num_query' = {shots}: omniglot has "
-                          f"{OMNIGLOT_DRAWERS} images per character, expected <= {OMNIGLOT_DRAWERS}")
+        raise ConfigError(
+            f"config fields 'tasks.num_support' + 'tasks.num_query' = {shots}: omniglot has "
+            f"{OMNIGLOT_DRAWERS} images per character, expected <= {OMNIGLOT_DRAWERS}"
+        )
     train_limit, test_limit = omniglot_class_limits(flat["tasks.split"], flat["tasks.num_train_classes"])
     num_test = flat["tasks.num_test_classes"] or test_limit
-    for name, value, limit in (("num_train_classes", flat["tasks.num_train_classes"], train_limit),
-                               ("num_test_classes", num_test, test_limit)):
+    for name, value, limit in (
+        ("num_train_classes", flat["tasks.num_train_classes"], train_limit),
+        ("num_test_classes", num_test, test_limit),
+    ):
         if value > limit:
-            raise ConfigError(f"config field 'tasks.{name}' = {value} exceeds the {limit} characters "
-                              f"available with tasks.split = {flat['tasks.split']!r}")
+            raise ConfigError(
+                f"config field 'tasks.{name}' = {value} exceeds the {limit} characters "
+                f"available with tasks.split = {flat['tasks.split']!r}"
+            )
         if flat["tasks.num_ways"] > value:
-            raise ConfigError(f"config field 'tasks.num_ways' = {flat['tasks.num_ways']} exceeds "
-                              f"'tasks.{name}' = {value}: a task needs num_ways distinct characters")
+            raise ConfigError(
+                f"config field 'tasks.num_ways' = {flat['tasks.num_ways']} exceeds "
+                f"'tasks.{name}' = {value}: a task needs num_ways distinct characters"
+            )
 
 
 def check_device_count(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -366,7 +393,8 @@ def check_device_count(config: ml_collections.ConfigDict, num_devices: int) -> N
         raise ConfigError(
             f"config field 'train.meta_batch_size' = {batch} is not divisible by the {num_devices} devices on the "
             f"'tasks' axis; nearest valid sizes: {_nearest_multiples(batch, num_devices)} "
-            "(or set parallel.num_devices)")
+            "(or set parallel.num_devices)"
+        )
     if config.tasks.num_fixed_train_tasks and config.tasks.num_fixed_train_tasks < batch:
         raise ConfigError("tasks.num_fixed_train_tasks must be >= train.meta_batch_size")
 
@@ -378,12 +406,16 @@ _NOT_MATHS = ("tasks.data_dir", "tasks.cache_dir")
 def maths_fields() -> tuple[str, ...]:
     """Fields whose change alters the optimisation problem (refused on resume unless overridden)."""
     groups = ("seed", "model", "tasks", "inner", "meta_grad", "outer")
-    return tuple(name for name in RULES if (name.split(".")[0] in groups or name == "train.meta_batch_size")
-                 and name not in _NOT_MATHS)
+    return tuple(
+        name
+        for name in RULES
+        if (name.split(".")[0] in groups or name == "train.meta_batch_size") and name not in _NOT_MATHS
+    )
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-serialisable dict of the resolved config."""
+
     def convert(value):
         if isinstance(value, ml_collections.ConfigDict):
             return {k: convert(v) for k, v in value.items()}

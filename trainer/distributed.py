@@ -78,12 +78,17 @@ def _int_setting(value: int | None, env_name: str, environ: Mapping[str, str], f
         return int(raw)
     except ValueError:
         raise DistributedError(
-            f"environment variable {env_name}={raw!r} (or --{flag}) must be an integer") from None
+            f"environment variable {env_name}={raw!r} (or --{flag}) must be an integer"
+        ) from None
 
 
-def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None, environ: Mapping[str, str] | None = None,
-            cluster: tuple[str | None, int | None] | None = None) -> Settings | None:
+def resolve(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    cluster: tuple[str | None, int | None] | None = None,
+) -> Settings | None:
     """Decides whether this is a multi-process run (None: single process). Arguments win over the environment.
 
     Raises DistributedError naming the missing or invalid setting.
@@ -101,14 +106,18 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
             return None
         return Settings(None, None, None, cluster_name)
     if cluster_name is None:
-        env_names = {"coordinator_address": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES,
-                     "process_id": ENV_PROCESS_ID}
+        env_names = {
+            "coordinator_address": ENV_COORDINATOR,
+            "num_processes": ENV_NUM_PROCESSES,
+            "process_id": ENV_PROCESS_ID,
+        }
         missing = [name for name, value in given.items() if value is None]
         if missing:
             flags_text = ", ".join(f"--{m} (or {env_names[m]})" for m in missing)
             raise DistributedError(
                 f"multi-process settings are incomplete: missing {flags_text}; no cluster environment "
-                "(SLURM, TPU pod, Open MPI, Kubernetes) was detected to fill them in")
+                "(SLURM, TPU pod, Open MPI, Kubernetes) was detected to fill them in"
+            )
     if count is not None and count < 1:
         raise DistributedError(f"--num_processes = {count}: expected an integer >= 1")
     if pid is not None and (pid < 0 or (count is not None and pid >= count)):
@@ -117,7 +126,8 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise DistributedError(
-                f"--coordinator_address = {address!r}: expected HOST:PORT, e.g. 10.0.0.1:1234")
+                f"--coordinator_address = {address!r}: expected HOST:PORT, e.g. 10.0.0.1:1234"
+            )
     return Settings(address, count, pid, cluster_name)
 
 
@@ -137,13 +147,19 @@ def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.25) -
             raise DistributedError(
                 f"could not reach the coordinator (process 0) at {address} within {timeout_s:g} s "
                 f"({last_error}); check that process 0 is running and the address is right, or raise "
-                "--distributed_timeout_s")
+                "--distributed_timeout_s"
+            )
         time.sleep(poll_s)
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int = 300,
-               heartbeat_timeout_s: int = 100) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
+) -> bool:
     """Joins the multi-process run if there is one; returns True if `jax.distributed` was initialised.
 
     Args:
@@ -163,18 +179,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     where = settings.cluster or "explicit settings"
-    print(f"[distributed] process {settings.process_id if settings.process_id is not None else '?'} of "
-          f"{settings.num_processes or '?'} ({where}): connecting to coordinator "
-          f"{settings.coordinator_address or '(auto)'}, timeout {timeout_s} s", file=sys.stderr, flush=True)
+    print(
+        f"[distributed] process {settings.process_id if settings.process_id is not None else '?'} of "
+        f"{settings.num_processes or '?'} ({where}): connecting to coordinator "
+        f"{settings.coordinator_address or '(auto)'}, timeout {timeout_s} s",
+        file=sys.stderr,
+        flush=True,
+    )
     if settings.coordinator_address is not None and settings.process_id not in (None, 0):
         # JAX aborts the process (no Python exception) when the coordinator is unreachable; check first.
         wait_for_coordinator(settings.coordinator_address, timeout_s)
     try:
-        jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                                   num_processes=settings.num_processes, process_id=settings.process_id,
-                                   initialization_timeout=int(timeout_s),
-                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s),
-                                   shutdown_timeout_seconds=int(timeout_s))
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+            initialization_timeout=int(timeout_s),
+            heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+            shutdown_timeout_seconds=int(timeout_s),
+        )
     except (RuntimeError, ValueError, TypeError) as e:
         raise DistributedError(f"jax.distributed.initialize failed ({where}): {e}") from e
     return True
@@ -193,13 +216,15 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
     _barrier_count += 1
     timeout_s = _timeout_s if timeout_s is None else timeout_s
     try:
-        jax_distributed.global_state.client.wait_at_barrier(f"imaml:{_barrier_count}:{name}",
-                                                            int(timeout_s * 1000))
+        jax_distributed.global_state.client.wait_at_barrier(
+            f"imaml:{_barrier_count}:{name}", int(timeout_s * 1000)
+        )
     except Exception as e:  # jaxlib raises its own runtime error type.
         raise DistributedError(
             f"process {jax.process_index()}: not every process reached '{name}' within {timeout_s:g} s "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); another process is slow or "
-            "died (see its log), or raise --distributed_timeout_s") from e
+            "died (see its log), or raise --distributed_timeout_s"
+        ) from e
 
 
 class SynchronizedFirstCall:

@@ -52,7 +52,8 @@ def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], source: str,
             node[key] = value  # Unknown keys are added here and reported by validate().
         except (TypeError, ValueError) as e:
             raise config_lib.ConfigError(
-                f"{source}: field '{name}' = {value!r} does not fit the schema: {e}") from e
+                f"{source}: field '{name}' = {value!r} does not fit the schema: {e}"
+            ) from e
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -60,8 +61,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = checkpointing.config_path(workdir)
     saved = checkpointing.read_config(workdir)
     if saved is None:
-        raise EvaluationError(f"{path} does not exist: {workdir} is not a training workdir "
-                              "(train writes config.json when a run starts)")
+        raise EvaluationError(
+            f"{path} does not exist: {workdir} is not a training workdir "
+            "(train writes config.json when a run starts)"
+        )
     config = config_lib.default_config()
     _update(config, saved, path)
     try:
@@ -70,8 +73,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError(f"{path}: {e}") from e
 
 
-def restore_meta_params(workdir: str, config: ml_collections.ConfigDict, model,
-                        step: int | None) -> tuple[Any, int]:
+def restore_meta_params(
+    workdir: str, config: ml_collections.ConfigDict, model, step: int | None
+) -> tuple[Any, int]:
     """The meta-parameters of checkpoint `step` (the latest when None) and that step."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):  # Checked first: the Checkpointer would create the directory.
@@ -80,17 +84,24 @@ def restore_meta_params(workdir: str, config: ml_collections.ConfigDict, model,
     try:
         steps = checkpointer.all_steps()
         if not steps:
-            raise EvaluationError(f"no checkpoints in {directory} (training saves one every "
-                                  "checkpoint.every_steps and at the end)")
+            raise EvaluationError(
+                f"no checkpoints in {directory} (training saves one every "
+                "checkpoint.every_steps and at the end)"
+            )
         if step is None:
             step = max(steps)
         elif step not in steps:
             raise EvaluationError(
-                f"no checkpoint of step {step} in {directory}; available steps: {sorted(steps)}")
+                f"no checkpoint of step {step} in {directory}; available steps: {sorted(steps)}"
+            )
         keys = tasks_lib.split_keys(config.seed)
         optimizer, _ = optim.make_optimizer(config)
-        template = jax.tree.map(np.asarray, train_step_lib.create_train_state(
-            model_lib.init_params(model, keys["init"]), optimizer, keys["train"]))
+        template = jax.tree.map(
+            np.asarray,
+            train_step_lib.create_train_state(
+                model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
+            ),
+        )
         host_state = checkpointer.restore(step, template)
     finally:
         checkpointer.close()
@@ -100,9 +111,11 @@ def restore_meta_params(workdir: str, config: ml_collections.ConfigDict, model,
 def format_table(record: dict[str, Any]) -> str:
     """The held-out metrics of every method, one row each: mean and 95% CI of each metric."""
     metrics = record["metric_names"]
-    lines = [f"held-out query metrics at step {record['step']} over {record['num_tasks']} tasks "
-             "(mean and 95% CI):",
-             f"  {'method':<13}" + "".join(f" {m:>11} {'95% CI':>9}" for m in metrics) + "  description"]
+    lines = [
+        f"held-out query metrics at step {record['step']} over {record['num_tasks']} tasks "
+        "(mean and 95% CI):",
+        f"  {'method':<13}" + "".join(f" {m:>11} {'95% CI':>9}" for m in metrics) + "  description",
+    ]
     for method, values in record["methods"].items():
         cells = "".join(f" {values[m]['mean']:>11.5g} {values[m]['ci95']:>9.2g}" for m in metrics)
         lines.append(f"  {method:<13}{cells}  {values['description']}")
@@ -111,8 +124,9 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_workdir(workdir: str, *, step: int | None = None,
-                     num_tasks: int | None = None) -> dict[str, Any]:
+def evaluate_workdir(
+    workdir: str, *, step: int | None = None, num_tasks: int | None = None
+) -> dict[str, Any]:
     """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
     if not os.path.isdir(workdir):
         raise EvaluationError(f"workdir {workdir} does not exist")
@@ -135,7 +149,8 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
     series = {name: monitoring.metric_series(records, name) for name in ("grad_norm", "query_loss")}
     figure_paths = [
         figures_lib.save_png(figures_lib.render(fig), os.path.join(out_dir, f"step_{step}_{name}.png"))
-        for name, fig in figures_lib.evaluation_figures(model, config, meta_params, outputs, series).items()]
+        for name, fig in figures_lib.evaluation_figures(model, config, meta_params, outputs, series).items()
+    ]
 
     record = {
         "step": step,
@@ -143,10 +158,19 @@ def evaluate_workdir(workdir: str, *, step: int | None = None,
         "num_tasks": int(summary["eval/num_tasks"]),
         "family": config.tasks.family,
         "metric_names": list(metric_names),  # Of the query set of each held-out task; the first is reported.
-        "methods": {m: {"description": DESCRIPTIONS.get(m, ""),
-                        **{metric: {"mean": summary[f"eval/{m}_{metric}"],
-                                    "ci95": summary[f"eval/{m}_{metric}_ci95"]} for metric in metric_names}}
-                    for m in evaluator.methods},
+        "methods": {
+            m: {
+                "description": DESCRIPTIONS.get(m, ""),
+                **{
+                    metric: {
+                        "mean": summary[f"eval/{m}_{metric}"],
+                        "ci95": summary[f"eval/{m}_{metric}_ci95"],
+                    }
+                    for metric in metric_names
+                },
+            }
+            for m in evaluator.methods
+        },
         "inner_converged_fraction": summary["eval/inner_converged_fraction"],
         "figures": figure_paths,
         "summary": summary,

@@ -55,8 +55,9 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, family=None):
     """
     family = family or families_lib.get_family(config)
     solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
-    problem = _PerSolveL2Problem(loss=meta_grad_lib.support_loss_fn(model, family.loss),
-                                 l2reg=config.inner.l2reg)
+    problem = _PerSolveL2Problem(
+        loss=meta_grad_lib.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
+    )
     lam = config.inner.l2reg
     vmap_tasks = config.parallel.vmap_tasks
 
@@ -68,19 +69,27 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, family=None):
         solve = lambda start, l2reg: solver.solve(problem, start, start, (support, l2reg))
         solutions, stats = meta_grad_lib.map_tasks(solve, vmap_tasks, starts, l2regs)
         adapted, scratch_prox, scratch = (jax.tree.map(lambda a, i=i: a[i], solutions) for i in range(3))
-        scores = {"adapted": score(adapted), "prior": score(meta_params),
-                  family.baseline_name: family.baseline(task), "scratch_prox": score(scratch_prox),
-                  "scratch": score(scratch)}
-        per_task = {f"{method}_{metric}": value for method, values in scores.items()
-                    for metric, value in values.items()}
+        scores = {
+            "adapted": score(adapted),
+            "prior": score(meta_params),
+            family.baseline_name: family.baseline(task),
+            "scratch_prox": score(scratch_prox),
+            "scratch": score(scratch),
+        }
+        per_task = {
+            f"{method}_{metric}": value
+            for method, values in scores.items()
+            for metric, value in values.items()
+        }
         adapted_stats = jax.tree.map(lambda a: a[0], stats)
         return per_task, adapted, scratch, adapted_stats
 
     def evaluate(meta_params, tasks, init_key, task_indices):
         init_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(init_key, task_indices)
         random_inits = jax.vmap(lambda k: model_lib.init_params(model, k))(init_keys)
-        return meta_grad_lib.map_tasks(lambda task, init: one_task(meta_params, task, init), vmap_tasks,
-                                       tasks, random_inits)
+        return meta_grad_lib.map_tasks(
+            lambda task, init: one_task(meta_params, task, init), vmap_tasks, tasks, random_inits
+        )
 
     return jax.jit(evaluate)
 
@@ -93,8 +102,11 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
 
 
-def summarize(per_task: dict[str, Any], method_names: tuple[str, ...] = METHODS,
-              metric_names: tuple[str, ...] = ("mse",)) -> dict[str, float]:
+def summarize(
+    per_task: dict[str, Any],
+    method_names: tuple[str, ...] = METHODS,
+    metric_names: tuple[str, ...] = ("mse",),
+) -> dict[str, float]:
     """Flat metrics: eval/<method>_<metric> and eval/<method>_<metric>_ci95 for every method and metric."""
     out = {}
     for method in method_names:
@@ -148,16 +160,22 @@ class Evaluator:
 def format_summary(step: int, summary: dict[str, float]) -> str:
     """One line: the reported metric (query accuracy for classification, else MSE) of every method."""
     metric, label = ("acc", "accuracy") if "eval/adapted_acc" in summary else ("mse", "MSE")
-    names = [m for m in ("adapted", "prior", "zero", "chance", "scratch_prox", "scratch")
-             if f"eval/{m}_{metric}" in summary]
-    parts = [f"{m} {summary[f'eval/{m}_{metric}']:.4g} +- {summary[f'eval/{m}_{metric}_ci95']:.2g}"
-             for m in names]
-    return (f"[eval step {step}] held-out query {label} over {summary['eval/num_tasks']} tasks: "
-            + "; ".join(parts))
+    names = [
+        m
+        for m in ("adapted", "prior", "zero", "chance", "scratch_prox", "scratch")
+        if f"eval/{m}_{metric}" in summary
+    ]
+    parts = [
+        f"{m} {summary[f'eval/{m}_{metric}']:.4g} +- {summary[f'eval/{m}_{metric}_ci95']:.2g}" for m in names
+    ]
+    return f"[eval step {step}] held-out query {label} over {summary['eval/num_tasks']} tasks: " + "; ".join(
+        parts
+    )
 
 
-def one_shot_runs_accuracy(config: ml_collections.ConfigDict, model, meta_params,
-                           runs: dict[str, np.ndarray], family=None) -> dict[str, Any]:
+def one_shot_runs_accuracy(
+    config: ml_collections.ConfigDict, model, meta_params, runs: dict[str, np.ndarray], family=None
+) -> dict[str, Any]:
     """Lake et al.'s 20 one-shot runs (`omniglot.load_one_shot_runs`): per run, adapt from theta on the 20
     training images (label c for training class c), then classify the 20 test images.
 
@@ -169,15 +187,17 @@ def one_shot_runs_accuracy(config: ml_collections.ConfigDict, model, meta_params
         raise config_lib.ConfigError(
             f"the one-shot runs are {ways}-way on {size}x{size} images: expected config fields "
             f"'tasks.num_ways' = {ways} and 'tasks.image_size' = {size}, got {config.tasks.num_ways} and "
-            f"{config.tasks.image_size}")
+            f"{config.tasks.image_size}"
+        )
     dtype = model_lib.dtype_of(config)
     images = lambda a: jnp.asarray(a, dtype)[..., None] / 255.0
     train_x, test_x = images(runs["train"]), images(runs["test"])
     train_y = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32), (num_runs, ways))
     test_y = jnp.asarray(runs["test_labels"], jnp.int32)
     solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model, family.loss),
-                                     l2reg=config.inner.l2reg)
+    problem = inner_lib.InnerProblem(
+        loss=meta_grad_lib.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
+    )
 
     @jax.jit
     def score(meta_params, train_x, train_y, test_x, test_y):
@@ -189,5 +209,10 @@ def one_shot_runs_accuracy(config: ml_collections.ConfigDict, model, meta_params
 
     accuracy, converged = (np.asarray(a) for a in score(meta_params, train_x, train_y, test_x, test_y))
     mean, ci = mean_ci95(accuracy)
-    return {"one_shot_runs/acc": mean, "one_shot_runs/acc_ci95": ci, "one_shot_runs/error_rate": 1.0 - mean,
-            "one_shot_runs/inner_converged_fraction": float(np.mean(converged)), "per_run_acc": accuracy}
+    return {
+        "one_shot_runs/acc": mean,
+        "one_shot_runs/acc_ci95": ci,
+        "one_shot_runs/error_rate": 1.0 - mean,
+        "one_shot_runs/inner_converged_fraction": float(np.mean(converged)),
+        "per_run_acc": accuracy,
+    }

@@ -77,7 +77,8 @@ class Sinusoid:
 
     def heldout(self, data, key, task_indices, dtype):
         return jax.vmap(lambda k: tasks_lib.sample_sinusoid_task(k, self.config.tasks, dtype))(
-            _heldout_keys(key, task_indices))
+            _heldout_keys(key, task_indices)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,10 @@ class Omniglot:
         return {"accuracy": model_lib.accuracy(model, params, x, y)}
 
     def eval_metrics(self, model, params, x, y) -> dict[str, jax.Array]:
-        return {"acc": model_lib.accuracy(model, params, x, y),
-                "loss": model_lib.cross_entropy_loss(model, params, x, y)}
+        return {
+            "acc": model_lib.accuracy(model, params, x, y),
+            "loss": model_lib.cross_entropy_loss(model, params, x, y),
+        }
 
     def baseline(self, task) -> dict[str, jax.Array]:
         dtype = task["query_x"].dtype
@@ -113,16 +116,24 @@ class Omniglot:
         """The resized images of the meta-train and meta-test characters (loaded, cached, split on host)."""
         t = config.tasks
         images = omniglot_lib.load(t.data_dir, t.cache_dir, t.image_size)
-        train_rows, test_rows = omniglot_lib.split_rows(t.split, t.split_seed, t.num_train_classes,
-                                                        t.num_test_classes)
+        train_rows, test_rows = omniglot_lib.split_rows(
+            t.split, t.split_seed, t.num_train_classes, t.num_test_classes
+        )
         part = lambda rows: dict(images=images[rows], ids=(rows + 1).astype(np.int32))
         return TaskData(train=part(train_rows), test=part(test_rows))
 
     def _sample(self, data, keys, dtype):
         t = self.config.tasks
-        one = functools.partial(omniglot_lib.sample_task, data["images"], data["ids"],
-                                num_ways=t.num_ways, num_support=t.num_support, num_query=t.num_query,
-                                rotate=t.rotate, dtype=dtype)
+        one = functools.partial(
+            omniglot_lib.sample_task,
+            data["images"],
+            data["ids"],
+            num_ways=t.num_ways,
+            num_support=t.num_support,
+            num_query=t.num_query,
+            rotate=t.rotate,
+            dtype=dtype,
+        )
         return jax.vmap(one)(keys)
 
     def sample(self, data, key, step, task_indices, dtype):

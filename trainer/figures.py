@@ -47,8 +47,13 @@ def _take(tree: Any, index: int) -> Any:
     return jax.tree.map(lambda a: np.asarray(a)[index], tree)
 
 
-def predictions_figure(model, meta_params: Any, eval_outputs: dict[str, Any],
-                       tasks_cfg: ml_collections.ConfigDict, num_tasks: int = NUM_PLOTTED_TASKS) -> Figure:
+def predictions_figure(
+    model,
+    meta_params: Any,
+    eval_outputs: dict[str, Any],
+    tasks_cfg: ml_collections.ConfigDict,
+    num_tasks: int = NUM_PLOTTED_TASKS,
+) -> Figure:
     """Ground truth, support points and predictions with and without meta-learning on held-out tasks.
 
     `eval_outputs` is the raw output of `evaluation.Evaluator.__call__`: `tasks` (with amplitude, frequency,
@@ -66,20 +71,40 @@ def predictions_figure(model, meta_params: Any, eval_outputs: dict[str, Any],
     fig = Figure(figsize=(6 * cols, 3.6 * rows), dpi=100, layout="constrained")
     for i in range(num_tasks):
         ax = fig.add_subplot(rows, cols, i + 1)
-        amplitude, frequency, phase = (float(np.asarray(tasks[name])[i])
-                                       for name in ("amplitude", "frequency", "phase"))
+        amplitude, frequency, phase = (
+            float(np.asarray(tasks[name])[i]) for name in ("amplitude", "frequency", "phase")
+        )
         truth_G = amplitude * np.sin(frequency * x_Gx1[:, 0] + phase)
         ax.plot(x_Gx1[:, 0], truth_G, color="black", lw=2, label="ground truth")
-        ax.plot(x_Gx1[:, 0], np.asarray(predict(_take(eval_outputs["adapted"], i))), color="tab:blue", lw=2,
-                label="adapted from the meta-learned prior (iMAML)")
-        ax.plot(x_Gx1[:, 0], np.asarray(predict(_take(eval_outputs["scratch"], i))), color="tab:orange",
-                lw=1.5, ls="--", label="without meta-learning (fit from a random init)")
+        ax.plot(
+            x_Gx1[:, 0],
+            np.asarray(predict(_take(eval_outputs["adapted"], i))),
+            color="tab:blue",
+            lw=2,
+            label="adapted from the meta-learned prior (iMAML)",
+        )
+        ax.plot(
+            x_Gx1[:, 0],
+            np.asarray(predict(_take(eval_outputs["scratch"], i))),
+            color="tab:orange",
+            lw=1.5,
+            ls="--",
+            label="without meta-learning (fit from a random init)",
+        )
         ax.plot(x_Gx1[:, 0], prior_G, color="tab:gray", lw=1, ls=":", label="prior theta, not adapted")
-        ax.scatter(np.asarray(tasks["support_x"])[i, :, 0], np.asarray(tasks["support_y"])[i, :, 0],
-                   color="tab:red", zorder=5, label="support points")
-        ax.set_title(f"held-out task {i} (A={amplitude:.2f}, f={frequency:.2f}, phase={phase:.2f})\n"
-                     f"query MSE: adapted {float(losses['adapted'][i]):.3g}, without meta-learning "
-                     f"{float(losses['scratch'][i]):.3g}, prior {float(losses['prior'][i]):.3g}", fontsize=9)
+        ax.scatter(
+            np.asarray(tasks["support_x"])[i, :, 0],
+            np.asarray(tasks["support_y"])[i, :, 0],
+            color="tab:red",
+            zorder=5,
+            label="support points",
+        )
+        ax.set_title(
+            f"held-out task {i} (A={amplitude:.2f}, f={frequency:.2f}, phase={phase:.2f})\n"
+            f"query MSE: adapted {float(losses['adapted'][i]):.3g}, without meta-learning "
+            f"{float(losses['scratch'][i]):.3g}, prior {float(losses['prior'][i]):.3g}",
+            fontsize=9,
+        )
         ax.set_xlabel("x")
         # Fits without meta-learning can swing far off; keep the ground truth readable.
         ax.set_ylim(-2.0 * max(tasks_cfg.amplitude_max, 0.1), 2.0 * max(tasks_cfg.amplitude_max, 0.1))
@@ -88,8 +113,9 @@ def predictions_figure(model, meta_params: Any, eval_outputs: dict[str, Any],
     return fig
 
 
-def training_figure(steps: Sequence[int], grad_norms: Sequence[float],
-                    query_losses: Sequence[float] | None = None) -> Figure:
+def training_figure(
+    steps: Sequence[int], grad_norms: Sequence[float], query_losses: Sequence[float] | None = None
+) -> Figure:
     """Meta-gradient norm (and query loss) against the step, log scale; non-finite points are dropped."""
     panels = [("meta-gradient norm", grad_norms)]
     if query_losses is not None:
@@ -107,9 +133,13 @@ def training_figure(steps: Sequence[int], grad_norms: Sequence[float],
     return fig
 
 
-def evaluation_figures(model, config: ml_collections.ConfigDict, meta_params: Any,
-                       eval_outputs: dict[str, Any],
-                       series: dict[str, tuple[list[int], list[float]]] | None = None) -> dict[str, Figure]:
+def evaluation_figures(
+    model,
+    config: ml_collections.ConfigDict,
+    meta_params: Any,
+    eval_outputs: dict[str, Any],
+    series: dict[str, tuple[list[int], list[float]]] | None = None,
+) -> dict[str, Figure]:
     """The figures of an evaluation: predictions (regression) and training curves (when `series` has them)."""
     figures = {}
     if config.tasks.family == "sinusoid" and "adapted" in eval_outputs:

@@ -74,8 +74,9 @@ def _stats(problem: InnerProblem, x, theta, data, iterations, tol) -> InnerStats
 
 
 class InnerSolver(Protocol):
-    def solve(self, problem: InnerProblem, init: Params, theta: Params, data: Data) -> tuple[Params, InnerStats]:
-        ...
+    def solve(
+        self, problem: InnerProblem, init: Params, theta: Params, data: Data
+    ) -> tuple[Params, InnerStats]: ...
 
 
 LINEAR_SOLVES = {
@@ -107,9 +108,15 @@ class LBFGSSolver:
 
     def solve(self, problem, init, theta, data):
         solver = jaxopt.LBFGS(
-            fun=problem.objective, maxiter=self.maxiter, tol=self.tol, history_size=self.history_size,
-            linesearch=self.linesearch, maxls=self.maxls, implicit_diff=self.linear_solve is not None,
-            implicit_diff_solve=self.linear_solve)
+            fun=problem.objective,
+            maxiter=self.maxiter,
+            tol=self.tol,
+            history_size=self.history_size,
+            linesearch=self.linesearch,
+            maxls=self.maxls,
+            implicit_diff=self.linear_solve is not None,
+            implicit_diff_solve=self.linear_solve,
+        )
         if self.linear_solve is None:
             theta = jax.lax.stop_gradient(theta)
         x, state = solver.run(jax.lax.stop_gradient(init), theta, data)
@@ -132,7 +139,14 @@ class UnrolledGradientDescent:
     stepsize: float
 
     def solve(self, problem, init, theta, data):
-        solver = jaxopt.GradientDescent(fun=problem.objective, stepsize=self.stepsize, maxiter=self.maxiter,
-                                        tol=self.tol, acceleration=False, implicit_diff=False, unroll=True)
+        solver = jaxopt.GradientDescent(
+            fun=problem.objective,
+            stepsize=self.stepsize,
+            maxiter=self.maxiter,
+            tol=self.tol,
+            acceleration=False,
+            implicit_diff=False,
+            unroll=True,
+        )
         x, state = solver.run(init, theta, data)
         return x, _stats(problem, x, theta, data, state.iter_num, self.tol)

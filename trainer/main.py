@@ -16,23 +16,33 @@ from ml_collections import config_flags
 
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file in configs/.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume even if fields that change the maths differ from the saved config.")
+    "allow_config_change", False, "Resume even if fields that change the maths differ from the saved config."
+)
 _RESTORE_STEP = flags.DEFINE_integer(
-    "restore_step", None, "Resume from this checkpoint step instead of the latest; later steps are moved to "
-    "<workdir>/checkpoints_superseded.")
+    "restore_step",
+    None,
+    "Resume from this checkpoint step instead of the latest; later steps are moved to "
+    "<workdir>/checkpoints_superseded.",
+)
 # Multi-process runs (launch/README.md); under SLURM, a TPU pod, Open MPI or Kubernetes JAX fills these in.
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0's coordinator (or env JAX_COORDINATOR_ADDRESS).")
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator (or env JAX_COORDINATOR_ADDRESS)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..N-1 (or JAX_PROCESS_ID).")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout_s", 300, "Seconds to wait for the coordinator and all processes to connect.")
+    "distributed_timeout_s", 300, "Seconds to wait for the coordinator and all processes to connect."
+)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", 100, "Seconds without heartbeats after which a process counts as dead and the "
-    "others are terminated.")
+    "heartbeat_timeout_s",
+    100,
+    "Seconds without heartbeats after which a process counts as dead and the others are terminated.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,19 +61,31 @@ def main(argv):
     from trainer import distributed
 
     try:  # Before anything touches JAX devices.
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               timeout_s=_DISTRIBUTED_TIMEOUT.value,
-                               heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
+        distributed.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            timeout_s=_DISTRIBUTED_TIMEOUT.value,
+            heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+        )
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from trainer import checkpointing, train
 
     try:
-        train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                                 restore_step=_RESTORE_STEP.value)
-    except (config_lib.ConfigError, checkpointing.CheckpointError, train.NonFiniteError,
-            distributed.DistributedError) as e:
+        train.train_and_evaluate(
+            config,
+            _WORKDIR.value,
+            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+            restore_step=_RESTORE_STEP.value,
+        )
+    except (
+        config_lib.ConfigError,
+        checkpointing.CheckpointError,
+        train.NonFiniteError,
+        distributed.DistributedError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except checkpointing.Preempted as e:  # A distinct status: schedulers and scripts rerun the command.

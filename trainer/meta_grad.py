@@ -39,6 +39,7 @@ def _leading_batch_dims(linear_solve: Callable) -> Callable:
     solve failed with `AssertionError: (0, 3, 0, 3, ...)`. A ravel/unravel round trip (an exact copy) moves
     every batch axis to the front.
     """
+
     def solve(matvec, b, **kwargs):
         flat, unravel = ravel_pytree(b)
         return linear_solve(matvec, unravel(flat), **kwargs)
@@ -46,19 +47,30 @@ def _leading_batch_dims(linear_solve: Callable) -> Callable:
     return solve
 
 
-def make_inner_solver(config: ml_collections.ConfigDict, differentiable: bool = True) -> inner_lib.InnerSolver:
+def make_inner_solver(
+    config: ml_collections.ConfigDict, differentiable: bool = True
+) -> inner_lib.InnerSolver:
     """The inner solver for `meta_grad.estimator`; `differentiable=False` gives a solve with no gradient."""
     inner, mg = config.inner, config.meta_grad
     if differentiable and mg.estimator == "unrolled":
-        return inner_lib.UnrolledGradientDescent(maxiter=inner.maxiter, tol=inner.tol,
-                                                 stepsize=inner.unrolled_stepsize)
+        return inner_lib.UnrolledGradientDescent(
+            maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.unrolled_stepsize
+        )
     linear_solve = None
     if differentiable and mg.estimator == "implicit":
         linear_solve = inner_lib.make_linear_solve(mg.linear_solver, mg.solver_tol, mg.solver_maxiter)
-        if config.tasks.family != "sinusoid":  # MLP leaves are all batched along axis 0: its program as it was.
+        if (
+            config.tasks.family != "sinusoid"
+        ):  # MLP leaves are all batched along axis 0: its program as it was.
             linear_solve = _leading_batch_dims(linear_solve)
-    return inner_lib.LBFGSSolver(maxiter=inner.maxiter, tol=inner.tol, history_size=inner.history_size,
-                                 linesearch=inner.linesearch, maxls=inner.maxls, linear_solve=linear_solve)
+    return inner_lib.LBFGSSolver(
+        maxiter=inner.maxiter,
+        tol=inner.tol,
+        history_size=inner.history_size,
+        linesearch=inner.linesearch,
+        maxls=inner.maxls,
+        linear_solve=linear_solve,
+    )
 
 
 def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -> TaskMetaGrad:
@@ -84,7 +96,8 @@ def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -
             grad = jax.grad(lambda x: family.loss(model, x, *tasks_lib.query(task)))(inner_params)
         else:
             (query_loss, (inner_params, stats)), grad = jax.value_and_grad(meta_loss, has_aux=True)(
-                meta_params, task)
+                meta_params, task
+            )
         metrics = dict(
             query_loss=query_loss,
             support_loss=family.loss(model, inner_params, *tasks_lib.support(task)),

@@ -66,14 +66,26 @@ class ConvNet(nn.Module):
         act = ACTIVATIONS[self.activation]
         x = x_BxHxWxC
         for i in range(self.num_blocks):
-            x = nn.Conv(self.width, (3, 3), strides=2, padding="SAME", name=f"conv_{i}", dtype=self.dtype,
-                        param_dtype=self.dtype)(x)
+            x = nn.Conv(
+                self.width,
+                (3, 3),
+                strides=2,
+                padding="SAME",
+                name=f"conv_{i}",
+                dtype=self.dtype,
+                param_dtype=self.dtype,
+            )(x)
             if self.normalization != "none":
                 # LayerNorm over the given axes with per-channel scale and bias; axis 0 (the batch) is
                 # included for "batch".
                 axes = (-3, -2, -1) if self.normalization == "layer" else (0, 1, 2)
-                x = nn.LayerNorm(reduction_axes=axes, feature_axes=-1, name=f"norm_{i}", dtype=self.dtype,
-                                 param_dtype=self.dtype)(x)
+                x = nn.LayerNorm(
+                    reduction_axes=axes,
+                    feature_axes=-1,
+                    name=f"norm_{i}",
+                    dtype=self.dtype,
+                    param_dtype=self.dtype,
+                )(x)
             x = act(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="head", dtype=self.dtype, param_dtype=self.dtype)(x)
@@ -86,12 +98,20 @@ def dtype_of(config: ml_collections.ConfigDict) -> Any:
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The MLP for regression families, the conv net (one logit per way) for omniglot."""
     if config.tasks.family == "omniglot":
-        return ConvNet(num_classes=config.tasks.num_ways, width=config.model.conv_width,
-                       num_blocks=config.model.conv_blocks, normalization=config.model.normalization,
-                       activation=config.model.activation, image_size=config.tasks.image_size,
-                       dtype=dtype_of(config))
-    return MLP(features=tuple(config.model.hidden_sizes) + (1,), activation=config.model.activation,
-               dtype=dtype_of(config))
+        return ConvNet(
+            num_classes=config.tasks.num_ways,
+            width=config.model.conv_width,
+            num_blocks=config.model.conv_blocks,
+            normalization=config.model.normalization,
+            activation=config.model.activation,
+            image_size=config.tasks.image_size,
+            dtype=dtype_of(config),
+        )
+    return MLP(
+        features=tuple(config.model.hidden_sizes) + (1,),
+        activation=config.model.activation,
+        dtype=dtype_of(config),
+    )
 
 
 def init_params(model: nn.Module, key: jax.Array, input_dim: int = 1) -> Any:

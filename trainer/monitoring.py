@@ -23,8 +23,11 @@ NON_SCALAR = ("inner_iterations_max_per_device",)
 # TensorBoard groups charts by the part of the tag before "/".
 TIMING_METRICS = ("step_time_s", "tasks_per_s", "compile_time_s", "first_step_time_s", "eval_time_s")
 # jax.monitoring events whose durations add up to the time spent tracing, lowering and compiling.
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
 
 def tensorboard_dir(workdir: str) -> str:
@@ -40,7 +43,7 @@ def tensorboard_tag(name: str) -> str:
     if "/" in name:
         return name
     if name.startswith("inner_"):
-        return "inner/" + name[len("inner_"):]
+        return "inner/" + name[len("inner_") :]
     if name in TIMING_METRICS:
         return "perf/" + name
     return "train/" + name
@@ -145,8 +148,16 @@ class MetricsWriter:
     With `enabled=False` (every process but 0) it writes nothing anywhere.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0, num_steps: int = 0,
-                 tensorboard: bool = True, stream=None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool = True,
+        resume_step: int = 0,
+        num_steps: int = 0,
+        tensorboard: bool = True,
+        stream=None,
+    ):
         self.enabled = enabled
         self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -166,8 +177,14 @@ class MetricsWriter:
         if num_steps and self._stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=num_steps, initial=resume_step, unit="step", dynamic_ncols=True,
-                             file=self._stream, desc="meta-training")
+            self._bar = tqdm(
+                total=num_steps,
+                initial=resume_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=self._stream,
+                desc="meta-training",
+            )
 
     @property
     def tensorboard(self):
@@ -255,4 +272,3 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-

@@ -36,8 +36,10 @@ import numpy as np
 from trainer import config as config_lib
 
 SETS = ("background", "evaluation")
-NUM_CLASSES = {"background": config_lib.OMNIGLOT_BACKGROUND_CLASSES,
-               "evaluation": config_lib.OMNIGLOT_EVALUATION_CLASSES}
+NUM_CLASSES = {
+    "background": config_lib.OMNIGLOT_BACKGROUND_CLASSES,
+    "evaluation": config_lib.OMNIGLOT_EVALUATION_CLASSES,
+}
 FIRST_ID = {"background": 1, "evaluation": config_lib.OMNIGLOT_BACKGROUND_CLASSES + 1}
 NUM_DRAWERS = config_lib.OMNIGLOT_DRAWERS
 RAW_SIZE = 105
@@ -53,10 +55,16 @@ class Archive:
 
 
 ARCHIVES = {
-    "background": Archive("https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip",
-                          "68d2efa1b9178cc56df9314c21c6e718", 9_464_212),
-    "evaluation": Archive("https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip",
-                          "6b91aef0f799c5bb55b94e3f2daec811", 6_462_886),
+    "background": Archive(
+        "https://github.com/brendenlake/omniglot/raw/master/python/images_background.zip",
+        "68d2efa1b9178cc56df9314c21c6e718",
+        9_464_212,
+    ),
+    "evaluation": Archive(
+        "https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip",
+        "6b91aef0f799c5bb55b94e3f2daec811",
+        6_462_886,
+    ),
 }
 
 
@@ -76,8 +84,12 @@ def file_md5(path: str) -> str:
     return digest.hexdigest()
 
 
-def verify_archive(path: str, archive: Archive, name: str | None = None,
-                   advice: str = "a partial or corrupted file: delete it to download it again") -> None:
+def verify_archive(
+    path: str,
+    archive: Archive,
+    name: str | None = None,
+    advice: str = "a partial or corrupted file: delete it to download it again",
+) -> None:
     """Raises OmniglotError, naming `name` (default: the path), unless `path` has the archive's size, md5."""
     name, source = name or path, f"(the archive {archive.url})"
     size = os.path.getsize(path)
@@ -96,14 +108,16 @@ def download(archive: Archive, destination: str, timeout_s: float = 60.0) -> str
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(archive.url, timeout=timeout_s) as response:
             shutil.copyfileobj(response, out, 1 << 20)
-        verify_archive(partial, archive, name=f"download of {archive.url}",
-                       advice=f"not saved to {destination}")
+        verify_archive(
+            partial, archive, name=f"download of {archive.url}", advice=f"not saved to {destination}"
+        )
         os.replace(partial, destination)
     except (urllib.error.URLError, OSError) as e:
         raise OmniglotError(
             f"could not download {archive.url} to {destination}: {e}. Without network access, set "
             "tasks.data_dir to a folder holding images_background and images_evaluation (.npz arrays, "
-            "unzipped folders or the .zip archives)") from e
+            "unzipped folders or the .zip archives)"
+        ) from e
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -145,8 +159,10 @@ def _read_layout(paths: list[str], read: Callable[[str], bytes], where: str) -> 
         character = (parts[0], parts[1])
         char_id, drawer = int(match.group(1)), int(match.group(2))
         if ids.setdefault(character, char_id) != char_id:
-            raise OmniglotError(f"{where}/{parts[0]}/{parts[1]}: images of characters {ids[character]} and "
-                                f"{char_id} in one folder, expected one character per folder")
+            raise OmniglotError(
+                f"{where}/{parts[0]}/{parts[1]}: images of characters {ids[character]} and "
+                f"{char_id} in one folder, expected one character per folder"
+            )
         characters.setdefault(character, {})[drawer] = path
     if not characters:
         raise OmniglotError(f"{where}: no PNG images, expected the layout {where}/{_LAYOUT}")
@@ -155,8 +171,10 @@ def _read_layout(paths: list[str], read: Callable[[str], bytes], where: str) -> 
     for row, character in enumerate(order):
         drawers = characters[character]
         if sorted(drawers) != list(range(1, NUM_DRAWERS + 1)):
-            raise OmniglotError(f"{where}/{character[0]}/{character[1]}: drawers {sorted(drawers)}, expected "
-                                f"the {NUM_DRAWERS} images XXXX_01.png .. XXXX_{NUM_DRAWERS}.png")
+            raise OmniglotError(
+                f"{where}/{character[0]}/{character[1]}: drawers {sorted(drawers)}, expected "
+                f"the {NUM_DRAWERS} images XXXX_01.png .. XXXX_{NUM_DRAWERS}.png"
+            )
         for drawer, path in drawers.items():
             images[row, drawer - 1] = read_png(read(path), f"{where}/{path}")
     char_ids = np.asarray([ids[c] for c in order], np.int32)
@@ -190,10 +208,12 @@ def load_png_zip(path: str, archive: Archive | None = None) -> tuple[np.ndarray,
             names = [n for n in zf.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")]
             tops = {n.split("/")[0] for n in names}
             if len(tops) != 1:
-                raise OmniglotError(f"{path}: top-level entries {sorted(tops)[:5]}, expected one folder "
-                                    f"images_<set>/{_LAYOUT}")
+                raise OmniglotError(
+                    f"{path}: top-level entries {sorted(tops)[:5]}, expected one folder "
+                    f"images_<set>/{_LAYOUT}"
+                )
             top = tops.pop()
-            relative = [n[len(top) + 1:] for n in names]
+            relative = [n[len(top) + 1 :] for n in names]
             return _read_layout(relative, lambda p: zf.read(f"{top}/{p}"), f"{path}:{top}")
     except zipfile.BadZipFile as e:
         raise OmniglotError(f"{path}: not a zip archive ({e})") from e
@@ -206,15 +226,18 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             raise OmniglotError(f"{path}: no array 'images', expected images bool [C, 20, 105, 105]")
         images = data["images"]
     if images.dtype != bool or images.ndim != 4 or images.shape[1:] != (NUM_DRAWERS, RAW_SIZE, RAW_SIZE):
-        raise OmniglotError(f"{path}: images {images.dtype} {images.shape}, expected bool "
-                            f"[C, {NUM_DRAWERS}, {RAW_SIZE}, {RAW_SIZE}]")
+        raise OmniglotError(
+            f"{path}: images {images.dtype} {images.shape}, expected bool "
+            f"[C, {NUM_DRAWERS}, {RAW_SIZE}, {RAW_SIZE}]"
+        )
     name = os.path.basename(path)
     first = FIRST_ID["evaluation"] if "evaluation" in name else 1
     return images, np.arange(first, first + images.shape[0], dtype=np.int32)
 
 
-def _load_set(name: str, search_dirs: list[str], cache_dir: str,
-              allow_download: bool) -> tuple[np.ndarray, str]:
+def _load_set(
+    name: str, search_dirs: list[str], cache_dir: str, allow_download: bool
+) -> tuple[np.ndarray, str]:
     """All characters of one set, bool [C, 20, 105, 105], and where they came from."""
     for directory in search_dirs:
         stem = os.path.join(directory, f"images_{name}")
@@ -236,7 +259,8 @@ def _load_set(name: str, search_dirs: list[str], cache_dir: str,
     if images.shape[0] != NUM_CLASSES[name] or not np.array_equal(ids, expected):
         raise OmniglotError(
             f"{source}: {images.shape[0]} characters (ids {ids[:1]}..{ids[-1:]}), expected the "
-            f"{NUM_CLASSES[name]} characters {expected[0]}..{expected[-1]} of images_{name}")
+            f"{NUM_CLASSES[name]} characters {expected[0]}..{expected[-1]} of images_{name}"
+        )
     return images, source
 
 
@@ -270,13 +294,13 @@ def resize(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
     cols_T = lanczos_matrix(flat.shape[2], size).T.astype(np.float32)  # [in_w, out]
     out = np.empty((flat.shape[0], size, size), np.uint8)
     for start in range(0, flat.shape[0], chunk):
-        ink = np.where(flat[start:start + chunk], np.float32(0), np.float32(255))
+        ink = np.where(flat[start : start + chunk], np.float32(0), np.float32(255))
         n, in_h, in_w = ink.shape
         horizontal = np.clip(np.rint(ink.reshape(n * in_h, in_w) @ cols_T), 0, 255)  # [n * in_h, out_w]
         horizontal = np.ascontiguousarray(horizontal.reshape(n, in_h, size).transpose(1, 0, 2))
         vertical = rows_T.T @ horizontal.reshape(in_h, n * size)  # [out_h, n * out_w]
         vertical = np.clip(np.rint(vertical), 0, 255).reshape(size, n, size)
-        out[start:start + chunk] = vertical.transpose(1, 0, 2)
+        out[start : start + chunk] = vertical.transpose(1, 0, 2)
     return out.reshape(*images.shape[:-2], size, size)
 
 
@@ -289,8 +313,9 @@ def cache_path(cache_dir: str, image_size: int) -> str:
     return os.path.join(cache_dir, f"omniglot_{image_size}px_v{_CACHE_VERSION}.npz")
 
 
-def load(data_dir: str = "", cache_dir: str = "", image_size: int = 28,
-         allow_download: bool = True) -> np.ndarray:
+def load(
+    data_dir: str = "", cache_dir: str = "", image_size: int = 28, allow_download: bool = True
+) -> np.ndarray:
     """All 1623 characters resized: uint8 [1623, 20, S, S], row i = character id i + 1 (ink 255).
 
     The resized array is cached in `cache_dir`; a cache that cannot be written is only a warning.
@@ -302,12 +327,15 @@ def load(data_dir: str = "", cache_dir: str = "", image_size: int = 28,
         with np.load(cached) as data:
             images = data["images"]
         if images.shape != expected_shape or images.dtype != np.uint8:
-            raise OmniglotError(f"{cached}: cached images {images.dtype} {images.shape}, expected uint8 "
-                                f"{expected_shape}; delete the file to rebuild it")
+            raise OmniglotError(
+                f"{cached}: cached images {images.dtype} {images.shape}, expected uint8 "
+                f"{expected_shape}; delete the file to rebuild it"
+            )
         return images
     search_dirs = list(dict.fromkeys([data_dir, cache_dir]))
-    images = np.concatenate([resize(_load_set(name, search_dirs, cache_dir, allow_download)[0], image_size)
-                             for name in SETS])
+    images = np.concatenate(
+        [resize(_load_set(name, search_dirs, cache_dir, allow_download)[0], image_size) for name in SETS]
+    )
     try:
         os.makedirs(cache_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(cached) + ".", suffix=".tmp", dir=cache_dir)
@@ -341,8 +369,10 @@ def split_rows(split: str, seed: int, num_train: int, num_test: int) -> tuple[np
         raise ValueError(f"config field 'tasks.split' = {split!r}: expected one of {list(config_lib.SPLITS)}")
     test = test_pool[:num_test] if num_test else test_pool
     if len(train_pool) < num_train or len(test) < num_test:
-        raise ValueError(f"split {split!r} has {len(train_pool)} / {len(test_pool)} characters, "
-                         f"asked for {num_train} / {num_test}")
+        raise ValueError(
+            f"split {split!r} has {len(train_pool)} / {len(test_pool)} characters, "
+            f"asked for {num_train} / {num_test}"
+        )
     return np.sort(train_pool), np.sort(test)
 
 
@@ -352,8 +382,17 @@ def rotate90(images_NxMxSxS: jax.Array, turns_N: jax.Array) -> jax.Array:
     return rotations[turns_N, jnp.arange(images_NxMxSxS.shape[0])]
 
 
-def sample_task(images_CxDxSxS: jax.Array, ids_C: jax.Array, key: jax.Array, *, num_ways: int,
-                num_support: int, num_query: int, rotate: bool, dtype) -> dict[str, jax.Array]:
+def sample_task(
+    images_CxDxSxS: jax.Array,
+    ids_C: jax.Array,
+    key: jax.Array,
+    *,
+    num_ways: int,
+    num_support: int,
+    num_query: int,
+    rotate: bool,
+    dtype,
+) -> dict[str, jax.Array]:
     """One N-way task: N distinct characters, K support and Q query images per class, all distinct drawers.
 
     Labels are 0..N-1 in the order the characters were drawn; with `rotate`, each class is turned by a
@@ -366,10 +405,12 @@ def sample_task(images_CxDxSxS: jax.Array, ids_C: jax.Array, key: jax.Array, *, 
     shots = num_support + num_query
     rows = jax.random.choice(k_classes, images_CxDxSxS.shape[0], (num_ways,), replace=False)
     drawers = jax.vmap(lambda k: jax.random.permutation(k, images_CxDxSxS.shape[1])[:shots])(
-        jax.random.split(k_drawers, num_ways))
+        jax.random.split(k_drawers, num_ways)
+    )
     images = images_CxDxSxS[rows[:, None], drawers]  # [N, K+Q, S, S]
-    turns = (jax.random.randint(k_rotations, (num_ways,), 0, 4) if rotate
-             else jnp.zeros((num_ways,), jnp.int32))
+    turns = (
+        jax.random.randint(k_rotations, (num_ways,), 0, 4) if rotate else jnp.zeros((num_ways,), jnp.int32)
+    )
     images = rotate90(images, turns).astype(dtype)[..., None] / 255.0
     size = images.shape[2]
     labels = jnp.broadcast_to(jnp.arange(num_ways, dtype=jnp.int32)[:, None], (num_ways, shots))
@@ -378,7 +419,10 @@ def sample_task(images_CxDxSxS: jax.Array, ids_C: jax.Array, key: jax.Array, *, 
         support_y=labels[:, :num_support].reshape(-1),
         query_x=images[:, num_support:].reshape(num_ways * num_query, size, size, 1),
         query_y=labels[:, num_support:].reshape(-1),
-        classes=ids_C[rows], drawers=drawers, rotations=turns)
+        classes=ids_C[rows],
+        drawers=drawers,
+        rotations=turns,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,16 +437,19 @@ def load_one_shot_runs(path: str, image_size: int = 28) -> dict[str, np.ndarray]
     from each run's class_labels.txt ("runNN/test/itemMM.png runNN/training/classKK.png").
     """
     if not os.path.isfile(path):
-        raise OmniglotError(f"{path}: no such file, expected all_runs.zip (runNN/training, runNN/test, "
-                            "runNN/class_labels.txt)")
+        raise OmniglotError(
+            f"{path}: no such file, expected all_runs.zip (runNN/training, runNN/test, "
+            "runNN/class_labels.txt)"
+        )
     runs: dict[str, dict] = {}
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
         for run in sorted({n.split("/")[0] for n in names if re.fullmatch(r"run\d\d/class_labels\.txt", n)}):
             lines = zf.read(f"{run}/class_labels.txt").decode().split()
             if len(lines) % 2:
-                raise OmniglotError(f"{path}:{run}/class_labels.txt: expected pairs 'test/itemMM.png "
-                                    "training/classKK.png'")
+                raise OmniglotError(
+                    f"{path}:{run}/class_labels.txt: expected pairs 'test/itemMM.png training/classKK.png'"
+                )
             pairs = sorted(zip(lines[0::2], lines[1::2], strict=True))
             num_classes = len(pairs)
             train = [f"{run}/training/class{c:02d}.png" for c in range(1, num_classes + 1)]
@@ -410,18 +457,25 @@ def load_one_shot_runs(path: str, image_size: int = 28) -> dict[str, np.ndarray]
             labels = []
             for item, (test_name, train_name) in zip(test, pairs, strict=True):
                 if not item.endswith(test_name.split("/", 1)[-1]) or train_name.split("/", 1)[-1] not in {
-                        t.split("/", 1)[-1] for t in train}:
-                    raise OmniglotError(f"{path}:{run}/class_labels.txt: unexpected pair {test_name} "
-                                        f"{train_name}")
+                    t.split("/", 1)[-1] for t in train
+                }:
+                    raise OmniglotError(
+                        f"{path}:{run}/class_labels.txt: unexpected pair {test_name} {train_name}"
+                    )
                 labels.append(int(re.search(r"class(\d+)\.png$", train_name).group(1)) - 1)
             missing = sorted(set(train + test) - names)
             if missing:
                 raise OmniglotError(f"{path}: missing {missing[:3]}")
-            runs[run] = dict(train=[read_png(zf.read(n), f"{path}:{n}") for n in train],
-                             test=[read_png(zf.read(n), f"{path}:{n}") for n in test], labels=labels)
+            runs[run] = dict(
+                train=[read_png(zf.read(n), f"{path}:{n}") for n in train],
+                test=[read_png(zf.read(n), f"{path}:{n}") for n in test],
+                labels=labels,
+            )
     if not runs:
         raise OmniglotError(f"{path}: no runNN/class_labels.txt, expected the official all_runs.zip")
     order = sorted(runs)
-    return dict(train=resize(np.stack([runs[r]["train"] for r in order]), image_size),
-                test=resize(np.stack([runs[r]["test"] for r in order]), image_size),
-                test_labels=np.asarray([runs[r]["labels"] for r in order], np.int32))
+    return dict(
+        train=resize(np.stack([runs[r]["train"] for r in order]), image_size),
+        test=resize(np.stack([runs[r]["test"] for r in order]), image_size),
+        test_labels=np.asarray([runs[r]["labels"] for r in order], np.int32),
+    )

@@ -13,7 +13,8 @@ def learning_rate_schedule(outer: ml_collections.ConfigDict, num_steps: int) -> 
         return optax.cosine_decay_schedule(outer.learning_rate, decay_steps=max(num_steps, 1))
     if outer.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, outer.learning_rate, warmup_steps=outer.warmup_steps, decay_steps=max(num_steps, 1))
+            0.0, outer.learning_rate, warmup_steps=outer.warmup_steps, decay_steps=max(num_steps, 1)
+        )
     raise ValueError(f"config field 'outer.schedule' = {outer.schedule!r} is unknown")
 
 

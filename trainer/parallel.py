@@ -39,12 +39,14 @@ def select_devices(num_devices: int) -> list[jax.Device]:
     if num_devices > len(devices):
         raise config_lib.ConfigError(
             f"config field 'parallel.num_devices' = {num_devices} but only {len(devices)} device(s) are visible "
-            f"({devices[0].platform}); use 0 for all of them")
+            f"({devices[0].platform}); use 0 for all of them"
+        )
     if jax.process_count() > 1 and num_devices != len(devices):
         # A mesh must hold devices of every process: each process runs the same program on its own devices.
         raise config_lib.ConfigError(
             f"config field 'parallel.num_devices' = {num_devices}: a run with {jax.process_count()} "
-            f"processes uses all {len(devices)} global devices; set it to 0 (or {len(devices)})")
+            f"processes uses all {len(devices)} global devices; set it to 0 (or {len(devices)})"
+        )
     return devices[:num_devices]
 
 
@@ -64,8 +66,9 @@ class _Backend:
         self.batch_size = config.train.meta_batch_size
         self.dtype = dtype
         self.num_traces = 0
-        self._local_step = functools.partial(train_step_lib.train_step, task_meta_grad=task_meta_grad,
-                                             optimizer=optimizer)
+        self._local_step = functools.partial(
+            train_step_lib.train_step, task_meta_grad=task_meta_grad, optimizer=optimizer
+        )
 
     def _sample(self, data, task_key, step, task_indices):
         return self.family.sample(data, task_key, step, task_indices, self.dtype)
@@ -121,18 +124,29 @@ class ShardMap(_Backend):
         self.task_sharding = NamedSharding(self.mesh, P(AXIS))
         local_step = functools.partial(self._local_step, axis_name=AXIS)
         # check_vma=False: jaxopt's line search has cond branches whose outputs differ in varying-ness.
-        sharded_step = jax.shard_map(local_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                                     check_vma=False)
-        self.step = jax.jit(self._counted(sharded_step), in_shardings=(self.replicated, self.task_sharding),
-                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        sharded_step = jax.shard_map(
+            local_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+        )
+        self.step = jax.jit(
+            self._counted(sharded_step),
+            in_shardings=(self.replicated, self.task_sharding),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
         self.data = self.put_state(self.host_data)  # Replicated: every device samples from all of it.
-        sharded_sample = jax.shard_map(self._sample, mesh=self.mesh, in_specs=(P(), P(), P(), P(AXIS)),
-                                       out_specs=P(AXIS), check_vma=False)
+        sharded_sample = jax.shard_map(
+            self._sample,
+            mesh=self.mesh,
+            in_specs=(P(), P(), P(), P(AXIS)),
+            out_specs=P(AXIS),
+            check_vma=False,
+        )
         self._sample_jit = jax.jit(sharded_sample, out_shardings=self.task_sharding)
         # Each process builds only the indices of its own devices' tasks.
         all_indices = np.arange(self.batch_size, dtype=np.int32)
-        self.task_indices = jax.make_array_from_callback((self.batch_size,), self.task_sharding,
-                                                         lambda idx: all_indices[idx])
+        self.task_indices = jax.make_array_from_callback(
+            (self.batch_size,), self.task_sharding, lambda idx: all_indices[idx]
+        )
 
     def put_state(self, host_state):
         def put(x):
@@ -165,8 +179,9 @@ class Pmap(_Backend):
         self._replicate = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
         per_device = self.batch_size // self.num_devices
         first = jax.process_index() * self.num_local * per_device  # devices are ordered by process
-        self.task_indices = np.arange(first, first + self.num_local * per_device,
-                                      dtype=np.int32).reshape(self.num_local, per_device)
+        self.task_indices = np.arange(first, first + self.num_local * per_device, dtype=np.int32).reshape(
+            self.num_local, per_device
+        )
         # One copy per local device (a leading device axis), placed once rather than sent with every step.
         self.data = None if self.host_data is None else self.put_state(self.host_data)
 
@@ -196,7 +211,8 @@ def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, d
         if jax.process_count() > 1:
             raise config_lib.ConfigError(
                 f"config field 'parallel.backend' = 'none' runs on one device, but this run has "
-                f"{jax.process_count()} processes; use 'shard_map' (or 'pmap')")
+                f"{jax.process_count()} processes; use 'shard_map' (or 'pmap')"
+            )
         config_lib.check_device_count(config, 1)
         return SingleDevice(config, task_meta_grad, optimizer, dtype, data=data)
     devices = select_devices(config.parallel.num_devices)
@@ -207,5 +223,6 @@ def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, d
         # With several processes, all of them finish compiling the step before its first collective runs.
         backend.step = distributed.synchronize_first_call(backend.step, f"{name} train step")
         return backend
-    raise config_lib.ConfigError(f"config field 'parallel.backend' = {name!r}: expected one of "
-                                 f"{list(config_lib.BACKENDS)}")
+    raise config_lib.ConfigError(
+        f"config field 'parallel.backend' = {name!r}: expected one of {list(config_lib.BACKENDS)}"
+    )

@@ -28,12 +28,20 @@ def sample_sinusoid_task(key: jax.Array, cfg: ml_collections.ConfigDict, dtype: 
     support_x = uniform(k_support, (cfg.num_support, 1), minval=cfg.x_min, maxval=cfg.x_max)
     query_x = uniform(k_query, (cfg.num_query, 1), minval=cfg.x_min, maxval=cfg.x_max)
     curve = lambda x: amplitude * jnp.sin(frequency * x + phase)
-    return dict(support_x=support_x, support_y=curve(support_x), query_x=query_x, query_y=curve(query_x),
-                amplitude=amplitude, frequency=frequency, phase=phase)
+    return dict(
+        support_x=support_x,
+        support_y=curve(support_x),
+        query_x=query_x,
+        query_y=curve(query_x),
+        amplitude=amplitude,
+        frequency=frequency,
+        phase=phase,
+    )
 
 
-def task_keys(base_key: jax.Array, step: jax.Array | int, task_indices: jax.Array,
-              num_fixed_tasks: int = 0) -> jax.Array:
+def task_keys(
+    base_key: jax.Array, step: jax.Array | int, task_indices: jax.Array, num_fixed_tasks: int = 0
+) -> jax.Array:
     """Keys of the given tasks of a step: fold_in(fold_in(key, step), i), or fold_in(key, i) for a fixed pool."""
     if num_fixed_tasks:
         step_key = base_key
@@ -43,8 +51,13 @@ def task_keys(base_key: jax.Array, step: jax.Array | int, task_indices: jax.Arra
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, task_indices)
 
 
-def sample_tasks(tasks_cfg: ml_collections.ConfigDict, base_key: jax.Array, step: jax.Array | int,
-                 task_indices: jax.Array, dtype: Any = jnp.float32) -> TaskBatch:
+def sample_tasks(
+    tasks_cfg: ml_collections.ConfigDict,
+    base_key: jax.Array,
+    step: jax.Array | int,
+    task_indices: jax.Array,
+    dtype: Any = jnp.float32,
+) -> TaskBatch:
     """The tasks with the given global indices of a step; pure and jittable (runs on whichever device calls it)."""
     if tasks_cfg.family != "sinusoid":
         raise ValueError(f"unknown task family {tasks_cfg.family!r}")
@@ -52,8 +65,9 @@ def sample_tasks(tasks_cfg: ml_collections.ConfigDict, base_key: jax.Array, step
     return jax.vmap(lambda k: sample_sinusoid_task(k, tasks_cfg, dtype))(keys)
 
 
-def heldout_tasks(tasks_cfg: ml_collections.ConfigDict, eval_key: jax.Array, num_tasks: int,
-                  dtype: Any = jnp.float32) -> TaskBatch:
+def heldout_tasks(
+    tasks_cfg: ml_collections.ConfigDict, eval_key: jax.Array, num_tasks: int, dtype: Any = jnp.float32
+) -> TaskBatch:
     """Held-out tasks: fresh draws from a key disjoint from training (never from a fixed training pool)."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(eval_key, jnp.arange(num_tasks))
     return jax.vmap(lambda k: sample_sinusoid_task(k, tasks_cfg, dtype))(keys)
@@ -62,8 +76,9 @@ def heldout_tasks(tasks_cfg: ml_collections.ConfigDict, eval_key: jax.Array, num
 def split_keys(seed: int) -> dict[str, jax.Array]:
     """Disjoint keys for model init, training tasks and held-out tasks (raw uint32 key data)."""
     base = jax.random.PRNGKey(seed)
-    return dict(init=jax.random.fold_in(base, 0), train=jax.random.fold_in(base, 1),
-                eval=jax.random.fold_in(base, 2))
+    return dict(
+        init=jax.random.fold_in(base, 0), train=jax.random.fold_in(base, 1), eval=jax.random.fold_in(base, 2)
+    )
 
 
 def support(batch: TaskBatch) -> tuple[jax.Array, jax.Array]:

@@ -17,16 +17,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from trainer import checkpointing
+from trainer import checkpointing, evaluation, families, figures, monitoring, optim, parallel
 from trainer import config as config_lib
-from trainer import evaluation
-from trainer import families
-from trainer import figures
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
-from trainer import monitoring
-from trainer import optim
-from trainer import parallel
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
@@ -47,8 +41,11 @@ def configure_jax(config: ml_collections.ConfigDict, workdir: str | None = None)
     """Global JAX settings the config needs; must run before any array is created."""
     if config.model.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    if workdir is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR") and \
-            config.compile_cache_dir != "none":
+    if (
+        workdir is not None
+        and not os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        and config.compile_cache_dir != "none"
+    ):
         cache_dir = config.compile_cache_dir or os.path.join(workdir, "jax_cache")
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
         # Cache only programs worth it (the train step and evaluation take seconds to compile).
@@ -61,34 +58,53 @@ def check_finite(step: int, metrics: dict[str, np.ndarray], config: ml_collectio
         if not np.isfinite(value):
             hint = ""
             if config.meta_grad.estimator == "unrolled":
-                hint = (" (estimator 'unrolled': reverse mode through the inner iterations overflowed; lower "
-                        "inner.unrolled_stepsize or use meta_grad.estimator=implicit)")
-            diverged = (f"{int(metrics['inner_diverged_tasks'])} of {config.train.meta_batch_size} tasks diverged "
-                        "(NaN/inf inner solution or query loss); " if "inner_diverged_tasks" in metrics else "")
+                hint = (
+                    " (estimator 'unrolled': reverse mode through the inner iterations overflowed; lower "
+                    "inner.unrolled_stepsize or use meta_grad.estimator=implicit)"
+                )
+            diverged = (
+                f"{int(metrics['inner_diverged_tasks'])} of {config.train.meta_batch_size} tasks diverged "
+                "(NaN/inf inner solution or query loss); "
+                if "inner_diverged_tasks" in metrics
+                else ""
+            )
             raise NonFiniteError(
                 f"step {step}: {name} is {value}; {diverged}{int(metrics['inner_nonconverged_tasks'])} of "
                 f"{config.train.meta_batch_size} inner solves did not converge (max inner residual "
-                f"{float(metrics['inner_residual_max']):.3g}){hint}")
+                f"{float(metrics['inner_residual_max']):.3g}){hint}"
+            )
 
 
 def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False, restore_step: int | None = None) -> TrainResult:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+    restore_step: int | None = None,
+) -> TrainResult:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final state.
 
     Raises `checkpointing.Preempted` after saving the current step on SIGTERM/SIGINT. Pending checkpoint
     saves are waited for on every exit, error or not.
     """
     with contextlib.ExitStack() as cleanup:
-        return _train_and_evaluate(config, workdir, cleanup, allow_config_change=allow_config_change,
-                                   restore_step=restore_step)
+        return _train_and_evaluate(
+            config, workdir, cleanup, allow_config_change=allow_config_change, restore_step=restore_step
+        )
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack, *,
-                        allow_config_change: bool, restore_step: int | None) -> TrainResult:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    cleanup: contextlib.ExitStack,
+    *,
+    allow_config_change: bool,
+    restore_step: int | None,
+) -> TrainResult:
     config_lib.validate(config)
     configure_jax(config, workdir)
     is_main = jax.process_index() == 0
@@ -101,21 +117,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
     task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model, family)
     backend = parallel.make_backend(config, task_meta_grad, optimizer, dtype, data=task_data.train)
 
-    host_state = jax.tree.map(np.asarray, train_step_lib.create_train_state(
-        model_lib.init_params(model, keys["init"]), optimizer, keys["train"]))
+    host_state = jax.tree.map(
+        np.asarray,
+        train_step_lib.create_train_state(
+            model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
+        ),
+    )
     checkpointer = cleanup.enter_context(contextlib.closing(checkpointing.Checkpointer(workdir, config)))
-    host_state = checkpointer.restore_for_resume(host_state, restore_step=restore_step,
-                                                 allow_config_change=allow_config_change,
-                                                 log=print if is_main else lambda message: None)
+    host_state = checkpointer.restore_for_resume(
+        host_state,
+        restore_step=restore_step,
+        allow_config_change=allow_config_change,
+        log=print if is_main else lambda message: None,
+    )
     start_step = int(host_state.step)
     if is_main:
         checkpointing.write_config(workdir, config)
 
     # Closed on every exit (a NaN error too): the progress bar and the event files are finished cleanly.
-    writer = cleanup.enter_context(contextlib.closing(monitoring.MetricsWriter(
-        workdir, enabled=is_main, resume_step=start_step, num_steps=config.train.num_steps)))
-    writer.log(f"training {config.train.num_steps} steps from step {start_step} on {backend.num_devices} "
-               f"device(s) ({backend.name}, {jax.devices()[0].platform}); workdir {workdir}")
+    writer = cleanup.enter_context(
+        contextlib.closing(
+            monitoring.MetricsWriter(
+                workdir, enabled=is_main, resume_step=start_step, num_steps=config.train.num_steps
+            )
+        )
+    )
+    writer.log(
+        f"training {config.train.num_steps} steps from step {start_step} on {backend.num_devices} "
+        f"device(s) ({backend.name}, {jax.devices()[0].platform}); workdir {workdir}"
+    )
     writer.write_config(config)
     evaluator = evaluation.Evaluator(config, model, keys["eval"], data=task_data.test, family=family)
     state = backend.put_state(host_state)
@@ -126,8 +156,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
     pending = None  # (step number after the update, device metrics, dispatch time)
     compile_time = None
 
-    def finish(done_step: int, device_metrics, started: float, extra: dict | None = None,
-               ended: float | None = None) -> None:
+    def finish(
+        done_step: int, device_metrics, started: float, extra: dict | None = None, ended: float | None = None
+    ) -> None:
         """Pulls a finished step's metrics to the host, checks them, and logs them when due."""
         nonlocal compile_time
         metrics = backend.metrics_to_host(device_metrics)
@@ -144,14 +175,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
         writer.progress(done_step, float(metrics["query_loss"]))
         if extra or _due(done_step, config.logging.every_steps, last) or done_step == start_step + 1:
             writer.write(done_step, {**metrics, **(extra or {})})
-            writer.log(f"step {done_step}: query_loss {float(metrics['query_loss']):.5g} support_loss "
-                       f"{float(metrics['support_loss']):.3g} grad_norm {float(metrics['grad_norm']):.3g} "
-                       f"inner_iters mean {float(metrics['inner_iterations_mean']):.0f} max "
-                       f"{float(metrics['inner_iterations_max']):.0f} converged "
-                       f"{float(metrics['inner_converged_fraction']):.2f}"
-                       + (f" query_accuracy {float(metrics['query_accuracy']):.3f}"
-                          if "query_accuracy" in metrics else "")
-                       + f" ({elapsed:.3f} s)")
+            writer.log(
+                f"step {done_step}: query_loss {float(metrics['query_loss']):.5g} support_loss "
+                f"{float(metrics['support_loss']):.3g} grad_norm {float(metrics['grad_norm']):.3g} "
+                f"inner_iters mean {float(metrics['inner_iterations_mean']):.0f} max "
+                f"{float(metrics['inner_iterations_max']):.0f} converged "
+                f"{float(metrics['inner_converged_fraction']):.2f}"
+                + (
+                    f" query_accuracy {float(metrics['query_accuracy']):.3f}"
+                    if "query_accuracy" in metrics
+                    else ""
+                )
+                + f" ({elapsed:.3f} s)"
+            )
 
     step_started = time.perf_counter()
     compile_timer = cleanup.enter_context(monitoring.CompileTimer())  # Stopped after the first dispatch.
@@ -191,8 +227,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
                 writer.log(evaluation.format_summary(done_step, eval_summary))
                 if writer.enabled:  # Training curves; predictions too when the family kept its outputs.
                     series = {name: writer.series(history, name) for name in ("grad_norm", "query_loss")}
-                    writer.write_figures(done_step, figures.evaluation_figures(
-                        model, config, host_state.meta_params, eval_outputs, series))
+                    writer.write_figures(
+                        done_step,
+                        figures.evaluation_figures(
+                            model, config, host_state.meta_params, eval_outputs, series
+                        ),
+                    )
             pending = None
             step_started = time.perf_counter()
     if pending is not None:

@@ -26,14 +26,21 @@ class TrainState:
     task_key: jax.Array  # raw uint32 key data; step s draws its tasks from fold_in(task_key, s).
 
 
-def create_train_state(meta_params, optimizer: optax.GradientTransformation, task_key: jax.Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), meta_params=meta_params,
-                      opt_state=optimizer.init(meta_params), task_key=jnp.asarray(task_key, jnp.uint32))
+def create_train_state(
+    meta_params, optimizer: optax.GradientTransformation, task_key: jax.Array
+) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        meta_params=meta_params,
+        opt_state=optimizer.init(meta_params),
+        task_key=jnp.asarray(task_key, jnp.uint32),
+    )
 
 
 # Per-task metrics of `meta_grad.make_task_meta_grad` reduced by name below; any others are averaged.
-_PER_TASK_REDUCED = frozenset({"query_loss", "support_loss", "inner_iterations", "inner_residual",
-                               "inner_converged"})
+_PER_TASK_REDUCED = frozenset(
+    {"query_loss", "support_loss", "inner_iterations", "inner_residual", "inner_converged"}
+)
 
 
 def _all_reduce(metric: jax.Array, op: str, axis_name: str | None) -> jax.Array:
@@ -43,8 +50,14 @@ def _all_reduce(metric: jax.Array, op: str, axis_name: str | None) -> jax.Array:
     return {"mean": jax.lax.pmean, "max": jax.lax.pmax, "sum": jax.lax.psum}[op](local, axis_name)
 
 
-def train_step(state: TrainState, task_batch, *, task_meta_grad: meta_grad_lib.TaskMetaGrad,
-               optimizer: optax.GradientTransformation, axis_name: str | None = None):
+def train_step(
+    state: TrainState,
+    task_batch,
+    *,
+    task_meta_grad: meta_grad_lib.TaskMetaGrad,
+    optimizer: optax.GradientTransformation,
+    axis_name: str | None = None,
+):
     """One meta-update from the tasks in `task_batch` (this device's slice when `axis_name` is set).
 
     Every device holds the same number of tasks (checked at config time), so the mean of the per-device
@@ -69,15 +82,22 @@ def train_step(state: TrainState, task_batch, *, task_meta_grad: meta_grad_lib.T
         inner_nonconverged_tasks=_all_reduce(1.0 - per_task["inner_converged"], "sum", axis_name),
         # Tasks whose inner solution or query loss is NaN/inf: named when a NaN stops the run.
         inner_diverged_tasks=_all_reduce(
-            1.0 - (jnp.isfinite(per_task["inner_residual"]) & jnp.isfinite(per_task["query_loss"])).astype(
-                jnp.float32), "sum", axis_name),
+            1.0
+            - (jnp.isfinite(per_task["inner_residual"]) & jnp.isfinite(per_task["query_loss"])).astype(
+                jnp.float32
+            ),
+            "sum",
+            axis_name,
+        ),
         grad_norm=inner_lib.tree_norm(grad),
         param_norm=inner_lib.tree_norm(meta_params),
         update_norm=inner_lib.tree_norm(updates),
         # Per-device max inner iterations: each device's while_loop stops with its own slowest task.
         inner_iterations_max_per_device=(
-            local_max_iterations[None] if axis_name is None
-            else jax.lax.all_gather(local_max_iterations, axis_name)),
+            local_max_iterations[None]
+            if axis_name is None
+            else jax.lax.all_gather(local_max_iterations, axis_name)
+        ),
     )
     # A family's extra per-task metrics (query_accuracy, support_accuracy for classification): means.
     for name in sorted(set(per_task) - _PER_TASK_REDUCED):
