@@ -189,8 +189,11 @@ def test_kill_9_then_sigterm_then_resume_match_the_uninterrupted_run(reference, 
     checkpointer.close()
 
     # 2. The same command resumes; SIGTERM (no periodic checkpoints) saves the step reached and exits 75.
+    # metrics.jsonl may still hold steps past the checkpoint from the killed run (the resume drops them):
+    # wait for a step beyond those, so that SIGTERM never lands before the resumed run's handler exists.
+    stale = max(_logged_steps(tmp_path) or [0])
     proc = _start_cli(_cli_args(tmp_path, **{"train.num_steps": 1000, "checkpoint.every_steps": 0}))
-    _wait_for_logged_step(proc, tmp_path, killed_at + 2)
+    _wait_for_logged_step(proc, tmp_path, max(killed_at + 2, stale + 1))
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == checkpointing.PREEMPTED_EXIT_STATUS, f"{context}\n{output}"
