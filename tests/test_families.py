@@ -34,7 +34,7 @@ def _omniglot_config(**overrides):
     c.model.conv_blocks = 2
     c.tasks.image_size = 8
     c.parallel.backend = "none"
-    c.parallel.vmap_tasks = False  # lax.map: half the compile time of a vmapped conv-net solve on CPU.
+    c.parallel.task_mapping = "map"  # lax.map: half the compile time of a vmapped conv-net solve on CPU.
     for name, value in overrides.items():
         group, field = name.split(".")
         c[group][field] = value
@@ -209,7 +209,7 @@ def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     config.inner.maxiter = 8
     config.eval.num_tasks, config.eval.every_steps, config.eval.batch_size = 100, 0, 0
     config.logging.every_steps, config.checkpoint.every_steps = 20, 0
-    config.parallel.backend, config.parallel.vmap_tasks = "none", False
+    config.parallel.backend, config.parallel.task_mapping = "none", "map"
     config_lib.validate(config)
     model = model_lib.make_model(config)
     family = families.get_family(config)

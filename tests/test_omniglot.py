@@ -323,7 +323,7 @@ def _omniglot_config(**overrides):
     c.model.conv_width = 4
     c.model.conv_blocks = 2
     c.tasks.image_size = 6
-    c.parallel.vmap_tasks = False
+    c.parallel.task_mapping = "map"
     for name, value in overrides.items():
         group, field = name.split(".")
         c[group][field] = value

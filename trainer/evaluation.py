@@ -59,7 +59,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, family=None):
         loss=meta_grad_lib.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
     )
     lam = config.inner.l2reg
-    vmap_tasks = config.parallel.vmap_tasks
+    vmap_tasks = meta_grad_lib.vmap_tasks(config)
 
     def one_task(meta_params, task, random_init):
         support, query = tasks_lib.support(task), tasks_lib.query(task)
@@ -205,7 +205,9 @@ def one_shot_runs_accuracy(
             adapted, stats = solver.solve(problem, meta_params, meta_params, (xs, ys))
             return model_lib.accuracy(model, adapted, xq, yq), stats.converged
 
-        return meta_grad_lib.map_tasks(one_run, config.parallel.vmap_tasks, train_x, train_y, test_x, test_y)
+        return meta_grad_lib.map_tasks(
+            one_run, meta_grad_lib.vmap_tasks(config), train_x, train_y, test_x, test_y
+        )
 
     accuracy, converged = (np.asarray(a) for a in score(meta_params, train_x, train_y, test_x, test_y))
     mean, ci = mean_ci95(accuracy)

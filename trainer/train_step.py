@@ -1,6 +1,6 @@
 """The train state and the pure meta-step `train_step(state, task_batch) -> (state, metrics)`.
 
-Inside one device (or the only one) the step vmaps the per-task meta-gradient over its local tasks and
+Inside one device (or the only one) the step maps the per-task meta-gradient over its local tasks and
 averages them; with `axis_name` set (under `shard_map` or `pmap`) the local means are all-reduced with
 `lax.pmean`, so every device applies the same optax update to its replica of the meta-parameters.
 """
