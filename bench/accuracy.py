@@ -86,7 +86,7 @@ def variants(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
         ("first_order", "first_order (grad L_query(x*))", dict(meta_grad__estimator="first_order")),
         (
             "unrolled",
-            f"unrolled (gradient descent, step 0.05, {settings.inner_maxiter} it)",
+            f"unrolled (gradient descent, step {make_config(settings).inner.unrolled_stepsize:g}, {settings.inner_maxiter} it)",
             dict(meta_grad__estimator="unrolled"),
         ),
     ]
@@ -104,7 +104,7 @@ def run(settings: Settings, log=print) -> dict[str, Any]:
     for key, description, overrides in variants(settings):
         # Tasks one after another (lax.map): the vmapped program compiles ~2x slower (measured), and here each
         # task's cost should not depend on the slowest task of the batch.
-        config = make_config(settings, parallel__vmap_tasks=False, **overrides)
+        config = make_config(settings, parallel__task_mapping="map", **overrides)
         task_meta_grad = meta_grad_lib.make_task_meta_grad(config, problem.model)
         batch_grads = jax.jit(lambda t, b, f=task_meta_grad: meta_grad_lib.batch_meta_grad(f, t, b))
         rows.append(_measure(key, description, batch_grads, theta, task_batch, exact, settings, log))

@@ -26,7 +26,10 @@ def _bytes(n: int | None) -> str:
 
 
 def _mapping(settings: dict[str, Any]) -> str:
-    return "vmapped" if settings["vmap_tasks"] else "one after another (lax.map)"
+    mapping = settings["task_mapping"]
+    if mapping == "auto":
+        return "mapped by parallel.task_mapping=auto (one after another on CPU, vmapped on accelerators)"
+    return "vmapped" if mapping == "vmap" else "one after another (lax.map)"
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -58,50 +61,91 @@ def _header(results: dict[str, Any]) -> list[str]:
 
 def _throughput(section: dict[str, Any], accuracy: dict[str, Any] | None) -> list[str]:
     lines = [
-        "## 1. Throughput: the project's step vs the notebook's formulation (one device)",
+        "## 1. Throughput: the project's step vs the notebook's formulation",
         "",
         "notebook loop = Python loop over tasks inside the jitted loss, one jaxopt L-BFGS after another, "
-        "jaxopt's default implicit solve (normal CG, tol 1e-5); bench/notebook_baseline.py. project = "
-        "trainer.parallel backend 'none' (train_step, implicit meta-gradient by CG to tol 1e-10), its tasks "
-        "vmapped (the default: every L-BFGS runs until the batch's slowest converges) or one after another "
-        "(lax.map, parallel.vmap_tasks=False). Same tasks, model and inner settings. vs notebook = notebook "
-        "step time / this step time (above 1: faster than the notebook).",
+        "jaxopt's default implicit solve (normal CG, tol 1e-5); bench/notebook_baseline.py; compiled for at "
+        f"most {section['baseline_max_tasks']} tasks (its compile time grows ~7 s per task), larger "
+        "meta-batches run that program on consecutive chunks (its cost is a sum over tasks). project = "
+        "trainer.parallel (train_step, implicit meta-gradient by CG to tol 1e-10) on one device with its tasks "
+        "one after another (map: lax.map, parallel.task_mapping='map', the CPU default) or vmapped (vmap), and "
+        "sharded with shard_map over every device of the machine (CPU: one simulated device per usable core). "
+        "Same tasks, model and inner settings. vs notebook = notebook step time / this step time. meta-grad "
+        "error = relative error of the meta-batch mean against the exact meta-gradient (section 4).",
         "",
-        "| tasks | formulation | step (s) | tasks/s | compile (s) | vs notebook | inner it. mean / max |",
-        "|---:|---|---|---:|---:|---:|---|",
+        "| tasks | formulation | step (s) | tasks/s | compile (s) | vs notebook | meta-grad error "
+        "| inner it. mean / max |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
     ]
+    errors = {}
+    if accuracy:
+        by_key = {r["key"]: r for r in accuracy["rows"]}
+        errors = {
+            name: f"{by_key[key]['rel_error_of_mean']:.1e}"
+            for name, key in (("notebook", "notebook"), ("project", "implicit_default"))
+            if key in by_key
+        }
     for row in section["rows"]:
         tasks, nb = row["num_tasks"], row["notebook"]
         if nb is None:
-            lines.append(
-                f"| {tasks} | notebook loop | not run: compile time (grows ~7 s per task; run up to "
-                f"{section['baseline_max_tasks']} tasks) | — | — | — | — |"
-            )
+            lines.append(f"| {tasks} | notebook loop | not run | — | — | — | — | — |")
         else:
-            lines.append(_throughput_row(tasks, "notebook loop", nb, "1.00x"))
+            name = "notebook loop"
+            if nb.get("compiled_tasks", tasks) < tasks:
+                name += f" ({tasks // nb['compiled_tasks']} chunks of {nb['compiled_tasks']})"
+            lines.append(_throughput_row(tasks, name, nb, "1.00x", errors.get("notebook", "—")))
         for mapping, project in row["project"].items():
+            if "error" in project:
+                lines.append(
+                    f"| {tasks} | project, {mapping} | failed: {project['error']} | — | — | — | — | — |"
+                )
+                continue
             speedup = f"{row['speedup'][mapping]:.2f}x" if nb is not None else "—"
-            lines.append(_throughput_row(tasks, f"project, {mapping}", project, speedup))
+            lines.append(
+                _throughput_row(tasks, f"project, {mapping}", project, speedup, errors.get("project", "—"))
+            )
     lines.append("")
-    if accuracy:
-        by_key = {r["key"]: r for r in accuracy["rows"]}
-        if "notebook" in by_key and "implicit_default" in by_key:
-            nb, pr = by_key["notebook"], by_key["implicit_default"]
-            lines += [
-                f"Meta-gradient relative error against the exact one (section 4, {accuracy['num_tasks']} "
-                f"tasks, error of the mean over tasks; per-task max): notebook {nb['rel_error_of_mean']:.1e} "
-                f"({nb['rel_error_max']:.1e}), project {pr['rel_error_of_mean']:.1e} "
-                f"({pr['rel_error_max']:.1e}).",
-                "",
-            ]
+    compile_times = [r["project"]["map"]["compile_s"] for r in section["rows"] if "map" in r["project"]]
+    if len(compile_times) > 1:
+        lines += [
+            f"Compile time of the project's step (map) from {section['rows'][0]['num_tasks']} to "
+            f"{section['rows'][-1]['num_tasks']} tasks: {min(compile_times):.1f}–{max(compile_times):.1f} s "
+            f"(max/min {max(compile_times) / min(compile_times):.2f}).",
+            "",
+        ]
     return lines
 
 
-def _throughput_row(tasks: int, name: str, m: dict[str, Any], speedup: str) -> str:
+def _throughput_row(tasks: int, name: str, m: dict[str, Any], speedup: str, error: str) -> str:
+    iterations = (
+        "—"
+        if m["inner_iterations_mean"] != m["inner_iterations_mean"]
+        else f"{m['inner_iterations_mean']:.0f}"
+    )
     return (
         f"| {tasks} | {name} | {_t(m['step_s'])} | {m['tasks_per_s']:.3g} | {m['compile_s']:.1f} "
-        f"| {speedup} | {m['inner_iterations_mean']:.0f} / {m['inner_iterations_max']:.0f} |"
+        f"| {speedup} | {error} | {iterations} / {m['inner_iterations_max']:.0f} |"
     )
+
+
+def _cache(section: dict[str, Any]) -> list[str]:
+    lines = ["## 5. Persistent compilation cache: a resumed run's compile", ""]
+    if "error" in section:
+        return lines + [f"Failed: {section['error']}", ""]
+    return lines + [
+        f"The step ({section['meta_batch']} tasks, one device) compiled in a fresh process with the trainer's "
+        "cache set-up (train.configure_jax, compile_cache_dir in an empty folder), then in a second fresh "
+        "process with the same folder, as a resumed run does. Compile = tracing + lowering + XLA compilation "
+        "(or the cache hit).",
+        "",
+        "| run | compile (s) | of which tracing and lowering (s) |",
+        "|---|---:|---:|",
+        f"| first | {section['first_compile_s']:.2f} | {section['first_lower_s']:.2f} |",
+        f"| resumed | {section['resumed_compile_s']:.2f} | {section['resumed_lower_s']:.2f} |",
+        "",
+        f"Resumed / first: {section['ratio']:.3f}.",
+        "",
+    ]
 
 
 def _scaling(section: dict[str, Any], machine: dict[str, Any], settings: dict[str, Any]) -> list[str]:
@@ -194,4 +238,6 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _memory(sections["memory"])
     if "accuracy" in sections:
         lines += _accuracy(sections["accuracy"])
+    if "cache" in sections:
+        lines += _cache(sections["cache"])
     return "\n".join(lines)

@@ -4,7 +4,7 @@
     python -m bench.run --quick    # tiny sizes: a smoke check of every section (numbers mean little)
 
 Prints a markdown table to stdout (progress goes to stderr) and writes it with the raw numbers to
-bench/results/<date>.md and .json. Sections: throughput, scaling, memory, accuracy (see their modules).
+bench/results/<date>.md and .json. Sections: throughput, scaling, memory, accuracy (see their modules) and cache (scaling.cache_run).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench import (  # noqa: E402
 )
 from bench import settings as settings_lib  # noqa: E402
 
-SECTIONS = ("throughput", "scaling", "memory", "accuracy")
+SECTIONS = ("throughput", "scaling", "memory", "accuracy", "cache")
 # --quick only: cheaper XLA CPU compilation (~1.7x faster, measured); a smoke check's numbers do not matter.
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{machine['devices']} {machine['platform']} device(s), load average {machine['load_average_start']}"
     )
     # Accuracy first: section 1's table quotes it. The output keeps the numbering of the issue.
-    for name in ("accuracy", "throughput", "memory", "scaling"):
+    platform = machine["platform"]
+    all_devices = machine["cpu_cores_usable"] if platform == "cpu" else machine["devices"]
+    for name in ("accuracy", "throughput", "memory", "scaling", "cache"):
         if name not in args.sections:
             continue
         log(f"section {name}:")
@@ -145,9 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "accuracy":
             results["sections"][name] = accuracy.run(settings, log)
         elif name == "throughput":
-            results["sections"][name] = throughput.run(settings, log)
+            results["sections"][name] = throughput.run(settings, platform, all_devices, compile_cache, log)
         elif name == "memory":
             results["sections"][name] = memory.run(settings, log)
+        elif name == "cache":
+            results["sections"][name] = scaling.cache_run(settings, platform, log)
         else:
             platforms = {"cpu": max(settings.scaling_devices)}
             if machine["platform"] != "cpu":

@@ -15,6 +15,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,9 +39,17 @@ def _worker_env(platform: str, num_devices: int) -> dict[str, str]:
 
 
 def run_worker(
-    settings, platform: str, num_devices: int, compile_cache: bool, timeout_s: float = 900
+    settings,
+    platform: str,
+    num_devices: int,
+    compile_cache: bool,
+    timeout_s: float = 900,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """One device count in a subprocess; a row with an `error` when it fails."""
+    """One device count in a subprocess; a row with an `error` when it fails.
+
+    With `cache_dir`, the worker uses the trainer's persistent compilation cache there (train.configure_jax).
+    """
     command = [
         sys.executable,
         "-m",
@@ -51,6 +61,8 @@ def run_worker(
         "--settings",
         _settings_json(settings),
     ] + ([] if compile_cache else ["--no-compile-cache"])
+    if cache_dir is not None:
+        command += ["--cache-dir", cache_dir]
     row: dict[str, Any] = dict(platform=platform, devices=num_devices)
     try:
         proc = subprocess.run(
@@ -92,12 +104,34 @@ def run(settings, platforms: dict[str, int], compile_cache: bool, log=print) -> 
     return dict(meta_batch=settings.scaling_batch, rows=rows)
 
 
+def cache_run(settings, platform: str, log=print) -> dict[str, Any]:
+    """A run's step compiled in a fresh process with an empty compilation cache, then in another (a resume)."""
+    settings = dataclasses.replace(settings, task_mapping="map")
+    with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache_dir:
+        cold = run_worker(settings, platform, 1, True, cache_dir=cache_dir)
+        warm = run_worker(settings, platform, 1, True, cache_dir=cache_dir)
+    for name, row in (("first run", cold), ("resumed run", warm)):
+        if "error" in row:
+            log(f"  {name}: {row['error']}")
+            return dict(error=row["error"])
+        log(f"  {name}: compile {row['compile_s']:.2f} s (tracing and lowering {row['lower_s']:.2f} s)")
+    return dict(
+        meta_batch=settings.scaling_batch,
+        first_compile_s=cold["compile_s"],
+        first_lower_s=cold["lower_s"],
+        resumed_compile_s=warm["compile_s"],
+        resumed_lower_s=warm["lower_s"],
+        ratio=warm["compile_s"] / cold["compile_s"],
+    )
+
+
 def _worker_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One device count of the scaling benchmark (bench/run.py).")
     parser.add_argument("--platform", required=True)
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--settings", required=True, help="bench.settings.Settings as JSON")
     parser.add_argument("--no-compile-cache", action="store_true")
+    parser.add_argument("--cache-dir", help="use the trainer's persistent compilation cache in this folder")
     args = parser.parse_args(argv)
 
     import warnings
@@ -106,11 +140,11 @@ def _worker_main(argv: list[str] | None = None) -> None:
     import jax
 
     from bench.settings import Problem, Settings, make_config
-    from bench.timing import compile_timed, time_calls
+    from bench.timing import time_calls
     from trainer import meta_grad as meta_grad_lib
-    from trainer import parallel
+    from trainer import parallel, train
 
-    if args.no_compile_cache:
+    if args.no_compile_cache and not args.cache_dir:
         jax.config.update("jax_enable_compilation_cache", False)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.settings).items()}
     settings = Settings(**fields)
@@ -121,13 +155,20 @@ def _worker_main(argv: list[str] | None = None) -> None:
         parallel__num_devices=args.devices,
     )
     jax.config.update("jax_enable_x64", config.model.dtype == "float64")
+    if args.cache_dir:  # The trainer's own set-up, as in a training run with compile_cache_dir=DIR.
+        config.compile_cache_dir = args.cache_dir
+        train.configure_jax(config, workdir=args.cache_dir)
     problem = Problem.create(config)
     backend = parallel.make_backend(
         config, meta_grad_lib.make_task_meta_grad(config, problem.model), problem.optimizer, problem.dtype
     )
     host_state = problem.host_state()
     task_batch = backend.sample_tasks(problem.task_key, 0)
-    compiled, compile_s = compile_timed(backend.step, backend.put_state(host_state), task_batch)
+    start = time.perf_counter()
+    lowered = backend.step.lower(backend.put_state(host_state), task_batch)  # Tracing and lowering.
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()  # XLA compilation, or a persistent-cache hit.
+    compile_s = time.perf_counter() - start
     timing, (_, metrics) = time_calls(
         compiled,
         lambda: (backend.put_state(host_state), task_batch),
@@ -139,10 +180,12 @@ def _worker_main(argv: list[str] | None = None) -> None:
         + json.dumps(
             dict(
                 compile_s=compile_s,
+                lower_s=lower_s,
                 step_s=timing.to_json(),
                 device_kind=jax.devices()[0].device_kind,
                 visible_devices=jax.device_count(),
                 inner_iterations_max=float(metrics["inner_iterations_max"]),
+                inner_iterations_mean=float(metrics["inner_iterations_mean"]),
             )
         ),
         flush=True,

@@ -1,25 +1,31 @@
 """Section 1: the project's meta-step against the notebook's formulation, at growing meta-batch sizes.
 
-Both run in this process on one device, on the same tasks (tasks 0..T-1 of step 0), from the same
-meta-parameters, with the same model, lambda, maxiter and tol:
-  project   parallel.make_backend(backend 'none'): train_step with the implicit meta-gradient by CG, its
-            tasks vmapped (the default) and, as a second variant, one after another (lax.map, with
-            parallel.vmap_tasks=False: each task's L-BFGS stops at its own convergence, not the slowest's);
+Both run on the same tasks (tasks 0..T-1 of step 0), from the same meta-parameters, with the same model,
+lambda, maxiter and tol:
+  project   parallel.make_backend: train_step with the implicit meta-gradient by CG, on one device with its
+            tasks one after another (task_mapping 'map', lax.map: each task's L-BFGS stops at its own
+            convergence) or vmapped ('vmap'), and sharded over every device of the machine (shard_map, in a
+            subprocess: on CPU one simulated device per usable core, so the cores work in parallel);
   notebook  bench/notebook_baseline.py: a Python loop over tasks in the jitted loss, jaxopt's default solve.
+            Its compile time grows with the tasks, so it is compiled for at most `baseline_max_tasks`; a larger
+            meta-batch runs that compiled program on consecutive chunks of tasks, one after another (the loop
+            runs its tasks one after another anyway, so its cost is the sum; each chunk applies its own Adam
+            update, a negligible extra).
 Compile time is `lower().compile()` once (tracing included); step time is the compiled call until its
 outputs are ready, each call on a fresh copy of the same state (the project's step donates it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import numpy as np
 
-from bench import notebook_baseline
+from bench import notebook_baseline, scaling
 from bench.settings import Problem, Settings, make_config
-from bench.timing import compile_timed, time_calls
+from bench.timing import Timing, compile_timed, time_calls
 from trainer import meta_grad as meta_grad_lib
 from trainer import parallel
 
@@ -35,8 +41,8 @@ def _summary(num_tasks: int, compile_s: float, timing, iterations_mean, iteratio
 
 
 def project_step(settings: Settings, num_tasks: int, mapping: str, log=print) -> dict[str, Any]:
-    """The project's step with its tasks vmapped (mapping 'vmap') or one after another ('lax.map')."""
-    config = make_config(settings, train__meta_batch_size=num_tasks, parallel__vmap_tasks=mapping == "vmap")
+    """The project's step on one device, its tasks one after another (mapping 'map') or vmapped ('vmap')."""
+    config = make_config(settings, train__meta_batch_size=num_tasks, parallel__task_mapping=mapping)
     problem = Problem.create(config)
     backend = parallel.make_backend(
         config, meta_grad_lib.make_task_meta_grad(config, problem.model), problem.optimizer, problem.dtype
@@ -56,7 +62,36 @@ def project_step(settings: Settings, num_tasks: int, mapping: str, log=print) ->
     )
 
 
-def notebook_step(settings: Settings, num_tasks: int, log=print) -> dict[str, Any]:
+def sharded_step(
+    settings: Settings, num_tasks: int, platform: str, devices: int, compile_cache: bool, log=print
+) -> dict[str, Any] | None:
+    """The project's step sharded over `devices` devices (tasks one after another on each), in a subprocess."""
+    if devices < 2 or num_tasks % devices:
+        return None
+    worker_settings = dataclasses.replace(settings, scaling_batch=num_tasks, task_mapping="map")
+    row = scaling.run_worker(worker_settings, platform, devices, compile_cache)
+    if "error" in row:
+        log(f"  project (map, {devices} {platform} devices) T={num_tasks}: {row['error']}")
+        return dict(error=row["error"], devices=devices)
+    median = row["step_s"]["median"]
+    log(f"  project (map, {devices} {platform} devices) T={num_tasks}: step {median:.3f} s")
+    summary = _summary(num_tasks, row["compile_s"], Timing(**row["step_s"]), float("nan"), float("nan"))
+    summary["inner_iterations_max"] = row["inner_iterations_max"]
+    return {**summary, "devices": devices}
+
+
+def notebook_step(
+    settings: Settings, num_tasks: int, log=print, compiled_by_size: dict | None = None
+) -> dict[str, Any] | None:
+    """The notebook loop on `num_tasks` tasks: compiled for min(num_tasks, baseline_max_tasks), chunked above.
+
+    `compiled_by_size` keeps compiled programs by task count, so a chunked row reuses the largest one (its
+    compile time is then that program's).
+    """
+    compiled_by_size = {} if compiled_by_size is None else compiled_by_size
+    chunk = min(num_tasks, settings.baseline_max_tasks)
+    if num_tasks % chunk:
+        return None
     problem = Problem.create(make_config(settings))
     step = notebook_baseline.make_step(
         problem.model,
@@ -69,26 +104,41 @@ def notebook_step(settings: Settings, num_tasks: int, log=print) -> dict[str, An
     theta = problem.meta_params
     opt_state = problem.optimizer.init(theta)
     task_batch = problem.tasks(num_tasks)
-    compiled, compile_s = compile_timed(step, theta, opt_state, task_batch)
-    timing, (_, _, outputs) = time_calls(
-        compiled, lambda: (theta, opt_state, task_batch), reps=settings.reps, budget_s=settings.budget_s
+    chunks = [jax.tree.map(lambda a, i=i: a[i : i + chunk], task_batch) for i in range(0, num_tasks, chunk)]
+    if chunk not in compiled_by_size:
+        compiled_by_size[chunk] = compile_timed(step, theta, opt_state, chunks[0])
+    compiled, compile_s = compiled_by_size[chunk]
+
+    def run_chunks(theta, opt_state):
+        return [compiled(theta, opt_state, c) for c in chunks]
+
+    timing, outputs = time_calls(
+        run_chunks, lambda: (theta, opt_state), reps=settings.reps, budget_s=settings.budget_s
     )
-    log(f"  notebook T={num_tasks}: step {timing.median:.3f} s, compile {compile_s:.1f} s")
-    iterations = np.asarray(outputs["inner_iterations"])
-    return _summary(num_tasks, compile_s, timing, iterations.mean(), iterations.max())
+    chunked = f" ({len(chunks)} chunks of {chunk})" if len(chunks) > 1 else ""
+    log(f"  notebook T={num_tasks}{chunked}: step {timing.median:.3f} s, compile {compile_s:.1f} s")
+    iterations = np.concatenate([np.asarray(out["inner_iterations"]) for _, _, out in outputs])
+    return {
+        **_summary(num_tasks, compile_s, timing, iterations.mean(), iterations.max()),
+        "compiled_tasks": chunk,
+    }
 
 
-def run(settings: Settings, log=print) -> dict[str, Any]:
-    rows = []
+def run(settings: Settings, platform: str, devices: int, compile_cache: bool, log=print) -> dict[str, Any]:
+    """`devices`: the machine's devices for the sharded row (CPU: its usable cores); 1 skips that row."""
+    rows, compiled_notebooks = [], {}
     for num_tasks in settings.task_counts:
-        row: dict[str, Any] = dict(num_tasks=num_tasks)
-        if num_tasks <= settings.baseline_max_tasks:
-            row["notebook"] = notebook_step(settings, num_tasks, log)
-        else:
-            row["notebook"] = None
+        notebook = notebook_step(settings, num_tasks, log, compiled_notebooks)
+        row: dict[str, Any] = dict(num_tasks=num_tasks, notebook=notebook)
         row["project"] = {m: project_step(settings, num_tasks, m, log) for m in settings.task_mappings}
+        if settings.all_devices:
+            sharded = sharded_step(settings, num_tasks, platform, devices, compile_cache, log)
+            if sharded is not None:
+                row["project"][f"map, {devices} devices"] = sharded
         if row["notebook"] is not None:
             notebook_median = row["notebook"]["step_s"]["median"]
-            row["speedup"] = {m: notebook_median / p["step_s"]["median"] for m, p in row["project"].items()}
+            row["speedup"] = {
+                m: notebook_median / p["step_s"]["median"] for m, p in row["project"].items() if "step_s" in p
+            }
         rows.append(row)
     return dict(baseline_max_tasks=settings.baseline_max_tasks, rows=rows)

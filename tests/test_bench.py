@@ -43,27 +43,42 @@ def quick_run(tmp_path_factory):
 def test_quick_writes_the_table_to_stdout_and_results(quick_run):
     stdout, table, results = quick_run
     assert table.strip() == stdout.strip()
-    for heading in ("## 1. Throughput", "## 2. Scaling", "## 3. Memory", "## 4. Meta-gradient estimators"):
+    for heading in (
+        "## 1. Throughput",
+        "## 2. Scaling",
+        "## 3. Memory",
+        "## 4. Meta-gradient estimators",
+        "## 5. Persistent compilation cache",
+    ):
         assert heading in table
     assert results["mode"] == "quick"
     machine = results["machine"]
     assert machine["cpu_cores"] >= 1 and machine["jax"] and machine["platform"]
-    assert set(results["sections"]) == {"throughput", "scaling", "memory", "accuracy"}
+    assert set(results["sections"]) == {"throughput", "scaling", "memory", "accuracy", "cache"}
 
 
 @pytest.mark.slow
-def test_quick_throughput_caps_the_notebook_loop(quick_run):
+def test_quick_throughput_chunks_the_notebook_loop_and_shards_the_project(quick_run):
     _, table, results = quick_run
     rows = {row["num_tasks"]: row for row in results["sections"]["throughput"]["rows"]}
-    assert rows[2]["notebook"] is not None and rows[2]["speedup"]["lax.map"] > 0
-    assert rows[4]["notebook"] is None  # Above --baseline-max-tasks: reported, not run.
-    assert "not run: compile time" in table
-    for row in rows.values():
-        step = row["project"]["lax.map"]["step_s"]
-        assert 0 < step["min"] <= step["median"] <= step["max"] and len(step["samples"]) >= 2
-    # Same tasks, same L-BFGS settings: both formulations' inner solves take the same iterations.
-    notebook, project = rows[2]["notebook"], rows[2]["project"]["lax.map"]
-    assert notebook["inner_iterations_mean"] == project["inner_iterations_mean"]
+    assert rows[2]["notebook"]["compiled_tasks"] == 2 and rows[2]["speedup"]["map"] > 0
+    # Above --baseline-max-tasks: the 2-task program runs on 2 chunks, and is not compiled again.
+    assert rows[4]["notebook"]["compiled_tasks"] == 2
+    assert rows[4]["notebook"]["compile_s"] == rows[2]["notebook"]["compile_s"]
+    assert "notebook loop (2 chunks of 2)" in table
+    cores = results["machine"]["cpu_cores_usable"]
+    for num_tasks, row in rows.items():
+        for project in row["project"].values():
+            step = project["step_s"]
+            assert 0 < step["min"] <= step["median"] <= step["max"] and len(step["samples"]) >= 2
+        if cores > 1 and num_tasks % cores == 0:  # The usable cores as CPU devices, in a subprocess.
+            assert row["project"][f"map, {cores} devices"]["devices"] == cores
+    # Same tasks, same L-BFGS settings: both formulations' inner solves take about the same iterations (not
+    # exactly: the project's L-BFGS works on the ravelled parameters, so its sums round differently).
+    for num_tasks in (2, 4):
+        notebook, project = rows[num_tasks]["notebook"], rows[num_tasks]["project"]["map"]
+        assert project["inner_iterations_mean"] == pytest.approx(notebook["inner_iterations_mean"], rel=0.15)
+    assert "Compile time of the project's step (map)" in table
 
 
 @pytest.mark.slow
@@ -98,6 +113,16 @@ def test_quick_estimator_errors_against_the_exact_meta_gradient(quick_run):
     assert errors["implicit_default"] < 0.05 and errors["notebook"] < 0.05
     assert errors["implicit_cg1"] > 5 * errors["implicit_default"]
     assert errors["first_order"] > 5 * errors["implicit_default"]
+
+
+@pytest.mark.slow
+def test_quick_cache_compiles_a_first_and_a_resumed_run(quick_run):
+    _, _, results = quick_run
+    cache = results["sections"]["cache"]
+    assert "error" not in cache, cache
+    for key in ("first_compile_s", "first_lower_s", "resumed_compile_s", "resumed_lower_s"):
+        assert cache[key] > 0
+    assert cache["ratio"] == cache["resumed_compile_s"] / cache["first_compile_s"]
 
 
 def test_bad_arguments_are_rejected_with_the_allowed_values(capsys):
