@@ -47,6 +47,27 @@ class Settings:
     cluster: str | None  # Name of the cluster environment JAX detected ("slurm", "gcetpu", ...), if any.
 
 
+def use_cpu_devices(count: int, environ: dict[str, str] | None = None) -> None:
+    """Makes the CPU backend expose `count` devices (one per core, say), so a CPU-only machine shards tasks
+    over its cores like over accelerators. Must run before JAX starts its backends (checked).
+
+    Sets --xla_force_host_platform_device_count in XLA_FLAGS for this process only; 0 leaves JAX's default.
+    """
+    if count < 0:
+        raise DistributedError(f"--cpu_devices must be >= 0, got {count}")
+    if count == 0:
+        return
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise DistributedError("--cpu_devices must be applied before JAX starts (its backends already exist)")
+    environ = os.environ if environ is None else environ
+    flags = [
+        f for f in environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+    ]
+    environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
+
+
 def detect_cluster() -> tuple[str | None, int | None]:
     """The cluster environment JAX's auto-detection would use, and its process count (None, None if none).
 

@@ -43,6 +43,12 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     100,
     "Seconds without heartbeats after which a process counts as dead and the others are terminated.",
 )
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "On a machine without accelerators: expose this many CPU devices (e.g. one per core) so that the "
+    "meta-batch is sharded over the cores; 0 keeps JAX's single CPU device.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,6 +67,7 @@ def main(argv):
     from trainer import distributed
 
     try:  # Before anything touches JAX devices.
+        distributed.use_cpu_devices(_CPU_DEVICES.value)
         distributed.initialize(
             _COORDINATOR.value,
             _NUM_PROCESSES.value,
