@@ -5,6 +5,10 @@ every method of the evaluation (`evaluation.methods(family)`: METHODS for regres
 tasks as training's evaluations (the first N of them: task i is drawn from fold_in(eval_key, i)), prints a
 table and writes `DIR/eval/step_<S>.json` (mean and 95% CI of each of the family's metrics per method) with
 the figures `DIR/eval/step_<S>_<name>.png`.
+
+With `--shots=5,10,20 [--budgets=0,1,2,5,10,20]` it writes the K-shot curves instead (`studies.kshot_curves`):
+held-out metric against K support points and inner iteration budget, every baseline at each K, as
+`DIR/eval/kshot_step_<S>.json`, `.md` (the table) and `.png` (the figure).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from trainer import checkpointing, evaluation, monitoring, optim, train
+from trainer import checkpointing, evaluation, monitoring, optim, studies, train
 from trainer import config as config_lib
 from trainer import figures as figures_lib
 from trainer import model as model_lib
@@ -184,11 +188,54 @@ def evaluate_workdir(
     return record
 
 
+def kshot_workdir(
+    workdir: str,
+    shots: list[int],
+    budgets: list[int],
+    *,
+    step: int | None = None,
+    num_tasks: int | None = None,
+) -> dict[str, Any]:
+    """K-shot curves of a checkpoint of `workdir` (`studies.kshot_curves`), written to eval/kshot_step_<S>.*."""
+    if not os.path.isdir(workdir):
+        raise EvaluationError(f"workdir {workdir} does not exist")
+    config = load_config(workdir)
+    if num_tasks is not None and num_tasks < 1:
+        raise EvaluationError(f"--num_tasks must be >= 1, got {num_tasks}")
+    train.configure_jax(config)
+    model = model_lib.make_model(config)
+    meta_params, step = restore_meta_params(workdir, config, model, step)
+    record = studies.kshot_curves(
+        config, meta_params, tasks_lib.split_keys(config.seed)["eval"], shots, budgets, num_tasks
+    )
+    record.update(step=step, workdir=os.path.abspath(workdir))
+    table = studies.kshot_table(record)
+    stem = os.path.join(workdir, "eval", f"kshot_step_{step}")
+    record["paths"] = studies.write_record(record, stem, table, studies.kshot_figure(record))
+    record["table"] = table
+    return record
+
+
+def _ints(values: list[str] | None, name: str) -> list[int] | None:
+    if values is None:
+        return None
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise EvaluationError(f"--{name} expects comma-separated integers, got {','.join(values)}") from None
+
+
 def define_flags() -> None:
     """Defined on use, not at import: tests import this module beside trainer.main (same flag names)."""
     flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
     flags.DEFINE_integer("num_tasks", None, "Held-out tasks to evaluate on (default: eval.num_tasks).")
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_list(
+        "shots", None, "K-shot curves for these numbers of support points (regression), e.g. 5,10,20."
+    )
+    flags.DEFINE_list(
+        "budgets", ["0", "1", "2", "5", "10", "20"], "Inner iteration budgets of the K-shot curves."
+    )
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -198,10 +245,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO.
     FLAGS = flags.FLAGS
     try:
-        record = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
+        shots = _ints(FLAGS.shots, "shots")
+        if shots is not None:
+            budgets = _ints(FLAGS.budgets, "budgets")
+            record = kshot_workdir(FLAGS.workdir, shots, budgets, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
+        else:
+            record = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
     except (EvaluationError, config_lib.ConfigError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if shots is not None:
+        print(record["table"])
+        for path in record["paths"]:
+            print(f"wrote {path}")
+        return 0
     print(format_table(record))
     print(f"wrote {record['path']}")
     for path in record["figures"]:

@@ -1,0 +1,91 @@
+"""A sweep of one config field: `python -m trainer.sweep --config=FILE --workdir=DIR --field=inner.l2reg
+--values=0.01,0.1,1,10 [--config.<group>.<field>=value ...] [--cpu_devices=N]`.
+
+Trains one run per value in DIR/<field>_<value> (ordinary, resumable runs: rerunning the command resumes the
+unfinished ones and re-reads the finished ones' final evaluation), then writes DIR/sweep_<field>.json, .md (the
+table of every evaluation method, mean and 95% CI) and .png (metric against the value); see `studies.sweep`.
+Every value is validated before the first run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding one workdir per value.")
+_FIELD = flags.DEFINE_string("field", "inner.l2reg", "The swept config field, GROUP.FIELD.")
+_VALUES = flags.DEFINE_list("values", None, "Comma-separated values of the field.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "As trainer.main's --cpu_devices.")
+flags.mark_flags_as_required(["config", "workdir", "values"])
+
+
+def parse_values(config, field: str, texts: list[str]) -> list:
+    """The values as the field's type (float, int, bool or str); a ConfigError names the bad one."""
+    from trainer import config as config_lib
+
+    group, _, name = field.partition(".")
+    if group not in config or not name or name not in config[group]:
+        raise config_lib.ConfigError(f"--field {field!r} is not a config field (expected GROUP.FIELD)")
+    kind = type(config[group][name])
+    values = []
+    for text in texts:
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                values.append(text.lower() == "true")
+            else:
+                values.append(kind(text))
+        except ValueError:
+            raise config_lib.ConfigError(
+                f"--values: {text!r} is not a valid {kind.__name__} for field {field!r}"
+            ) from None
+    return values
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from trainer import config as config_lib
+    from trainer import distributed
+
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+        values = parse_values(config, _FIELD.value, _VALUES.value)
+        distributed.use_cpu_devices(_CPU_DEVICES.value)
+    except (config_lib.ConfigError, distributed.DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from trainer import checkpointing, studies, train
+
+    try:
+        record = studies.sweep(config, _WORKDIR.value, _FIELD.value, values)
+    except (config_lib.ConfigError, checkpointing.CheckpointError, train.NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except checkpointing.Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return checkpointing.PREEMPTED_EXIT_STATUS
+    table = studies.sweep_table(record)
+    stem = os.path.join(_WORKDIR.value, f"sweep_{_FIELD.value.split('.', 1)[1]}")
+    print(table)
+    for path in studies.write_record(record, stem, table, studies.sweep_figure(record)):
+        print(f"wrote {path}")
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
