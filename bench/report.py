@@ -69,7 +69,9 @@ def _throughput(section: dict[str, Any], accuracy: dict[str, Any] | None) -> lis
         "meta-batches run that program on consecutive chunks (its cost is a sum over tasks). project = "
         "trainer.parallel (train_step, implicit meta-gradient by CG to tol 1e-10) on one device with its tasks "
         "one after another (map: lax.map, parallel.task_mapping='map', the CPU default) or vmapped (vmap), and "
-        "sharded with shard_map over every device of the machine (CPU: one simulated device per usable core). "
+        "sharded with shard_map over every device of the machine (CPU: one simulated device per usable core, and "
+        "bench.settings.devices_per_core per core: more, smaller pieces of work, which the OS balances better over the cores when the tasks' "
+        "inner solves differ in cost). "
         "Same tasks, model and inner settings. vs notebook = notebook step time / this step time. meta-grad "
         "error = relative error of the meta-batch mean against the exact meta-gradient (section 4).",
         "",

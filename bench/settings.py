@@ -34,6 +34,9 @@ class Settings:
     task_mappings: tuple[str, ...] = ("map", "vmap")  # The project's variants on one device (task_mapping).
     # The project's step sharded over every device of the machine (CPU: one simulated device per usable core).
     all_devices: bool = True
+    # On CPU, also shard over this many simulated devices per usable core (1: no such row): more devices than
+    # cores split the tasks, whose inner solves differ in cost, into smaller pieces that the OS balances.
+    devices_per_core: int = 4
     # The notebook loop's compile time grows ~7 s per task: it is compiled for at most this many tasks, and a
     # larger meta-batch runs that program on consecutive chunks (the loop's cost is a sum over tasks).
     baseline_max_tasks: int = 32
@@ -61,6 +64,7 @@ QUICK = Settings(
     budget_s=2.0,
     task_counts=(2, 4),
     task_mappings=("map",),
+    devices_per_core=1,
     baseline_max_tasks=2,
     scaling_devices=(1, 2),
     scaling_batch=2,

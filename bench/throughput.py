@@ -5,7 +5,8 @@ lambda, maxiter and tol:
   project   parallel.make_backend: train_step with the implicit meta-gradient by CG, on one device with its
             tasks one after another (task_mapping 'map', lax.map: each task's L-BFGS stops at its own
             convergence) or vmapped ('vmap'), and sharded over every device of the machine (shard_map, in a
-            subprocess: on CPU one simulated device per usable core, so the cores work in parallel);
+            subprocess: on CPU one simulated device per usable core, so the cores work in parallel, and
+            `devices_per_core` times as many, which balances tasks of unequal cost better over the cores);
   notebook  bench/notebook_baseline.py: a Python loop over tasks in the jitted loss, jaxopt's default solve.
             Its compile time grows with the tasks, so it is compiled for at most `baseline_max_tasks`; a larger
             meta-batch runs that compiled program on consecutive chunks of tasks, one after another (the loop
@@ -132,9 +133,13 @@ def run(settings: Settings, platform: str, devices: int, compile_cache: bool, lo
         row: dict[str, Any] = dict(num_tasks=num_tasks, notebook=notebook)
         row["project"] = {m: project_step(settings, num_tasks, m, log) for m in settings.task_mappings}
         if settings.all_devices:
-            sharded = sharded_step(settings, num_tasks, platform, devices, compile_cache, log)
-            if sharded is not None:
-                row["project"][f"map, {devices} devices"] = sharded
+            counts = [devices]
+            if platform == "cpu" and settings.devices_per_core > 1:
+                counts.append(devices * settings.devices_per_core)
+            for count in counts:
+                sharded = sharded_step(settings, num_tasks, platform, count, compile_cache, log)
+                if sharded is not None:
+                    row["project"][f"map, {count} devices"] = sharded
         if row["notebook"] is not None:
             notebook_median = row["notebook"]["step_s"]["median"]
             row["speedup"] = {

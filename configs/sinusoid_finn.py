@@ -3,11 +3,13 @@
 Amplitude in [0.1, 5], phase shift in [0, pi], frequency 1, x in [-5, 5], K = 10 support points and 10 query
 points, an MLP with two hidden layers of 40 units. Swish instead of Finn et al.'s ReLU: implicit
 differentiation needs a twice-differentiable inner loss, and in a 40-step pilot (lambda 0.1) L-BFGS converged
-on 3-9% of the tasks with swish against 0% with ReLU. lambda from the sweep in RESULTS.md; the inner solve is
-capped at 100 L-BFGS iterations (tol 1e-5) to fit a CPU budget.
+on 3-9% of the tasks with swish against 0% with ReLU. lambda = 10 from the sweep in RESULTS.md (at lambda 10
+every inner solve converges, in ~20-60 L-BFGS iterations of the 100 allowed, tol 1e-5).
 
 Run:  python -m trainer.main --config=configs/sinusoid_finn.py --workdir=runs/sinusoid_finn --cpu_devices=2
-Result: see RESULTS.md (held-out K=10 MSE, steps and time).
+Result (2026-11-29, 2-core CPU, 8000 steps, 24 min wall while sharing the CPU with a test run): held-out query
+MSE at K = 10 over 1000 tasks 0.084 +- 0.017 (95% CI); 0.31 at step 1000, 0.22 at step 2000. Same tasks: prior
+2.9, predicting zero 4.1, scratch with the same lambda 4.1, unregularised scratch 3.9. Details in RESULTS.md.
 """
 
 from trainer.config import default_config
