@@ -119,14 +119,9 @@ def _throughput(section: dict[str, Any], accuracy: dict[str, Any] | None) -> lis
 
 
 def _throughput_row(tasks: int, name: str, m: dict[str, Any], speedup: str, error: str) -> str:
-    iterations = (
-        "—"
-        if m["inner_iterations_mean"] != m["inner_iterations_mean"]
-        else f"{m['inner_iterations_mean']:.0f}"
-    )
     return (
         f"| {tasks} | {name} | {_t(m['step_s'])} | {m['tasks_per_s']:.3g} | {m['compile_s']:.1f} "
-        f"| {speedup} | {error} | {iterations} / {m['inner_iterations_max']:.0f} |"
+        f"| {speedup} | {error} | {m['inner_iterations_mean']:.0f} / {m['inner_iterations_max']:.0f} |"
     )
 
 

@@ -89,10 +89,7 @@ def make_config(settings: Settings, **overrides: Any) -> ml_collections.ConfigDi
     c.inner.linesearch = settings.linesearch
     c.parallel.task_mapping = settings.task_mapping
     c.parallel.backend = "none"
-    for name, value in overrides.items():
-        group, field = name.split("__")
-        c[group][field] = value
-    return config_lib.validate(c)
+    return config_lib.with_fields(c, {name.replace("__", "."): value for name, value in overrides.items()})
 
 
 @dataclasses.dataclass

@@ -76,8 +76,10 @@ def sharded_step(
         return dict(error=row["error"], devices=devices)
     median = row["step_s"]["median"]
     log(f"  project (map, {devices} {platform} devices) T={num_tasks}: step {median:.3f} s")
-    summary = _summary(num_tasks, row["compile_s"], Timing(**row["step_s"]), float("nan"), float("nan"))
-    summary["inner_iterations_max"] = row["inner_iterations_max"]
+    timing = Timing(**row["step_s"])
+    summary = _summary(
+        num_tasks, row["compile_s"], timing, row["inner_iterations_mean"], row["inner_iterations_max"]
+    )
     return {**summary, "devices": devices}
 
 

@@ -29,13 +29,7 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     c.logging.every_steps = 1
     c.checkpoint.every_steps = 2
     c.parallel.backend = "none"
-    for name, value in overrides.items():
-        node = c
-        *groups, field = name.split(".")
-        for g in groups:
-            node = node[g]
-        node[field] = value
-    return config_lib.validate(c)
+    return config_lib.with_fields(c, overrides)
 
 
 def run_cli(

@@ -324,10 +324,7 @@ def _omniglot_config(**overrides):
     c.model.conv_blocks = 2
     c.tasks.image_size = 6
     c.parallel.task_mapping = "map"
-    for name, value in overrides.items():
-        group, field = name.split(".")
-        c[group][field] = value
-    return config_lib.validate(c)
+    return config_lib.with_fields(c, overrides)
 
 
 @pytest.mark.parametrize("rotate", [True, False])

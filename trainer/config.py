@@ -7,6 +7,7 @@ before JAX compiles anything.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -309,6 +310,16 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, A
 def _nearest_multiples(value: int, divisor: int) -> list[int]:
     below = (value // divisor) * divisor
     return sorted({m for m in (below, below + divisor) if m > 0})
+
+
+def with_fields(config: ml_collections.ConfigDict, fields: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A validated copy of `config` with the dotted fields ("inner.l2reg": 0.1, ...) replaced."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for name, value in fields.items():
+            group, _, field = name.partition(".")
+            config[group][field] = value
+    return validate(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -128,10 +128,10 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_workdir(
-    workdir: str, *, step: int | None = None, num_tasks: int | None = None
-) -> dict[str, Any]:
-    """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
+def load_run(
+    workdir: str, step: int | None, num_tasks: int | None
+) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+    """The run's config (eval.num_tasks = num_tasks if given), model, and the meta-parameters of `step`."""
     if not os.path.isdir(workdir):
         raise EvaluationError(f"workdir {workdir} does not exist")
     config = load_config(workdir)
@@ -142,6 +142,14 @@ def evaluate_workdir(
     train.configure_jax(config)
     model = model_lib.make_model(config)
     meta_params, step = restore_meta_params(workdir, config, model, step)
+    return config, model, meta_params, step
+
+
+def evaluate_workdir(
+    workdir: str, *, step: int | None = None, num_tasks: int | None = None
+) -> dict[str, Any]:
+    """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
+    config, model, meta_params, step = load_run(workdir, step, num_tasks)
 
     evaluator = evaluation.Evaluator(config, model, tasks_lib.split_keys(config.seed)["eval"])
     summary, outputs = evaluator(meta_params)
@@ -197,16 +205,9 @@ def kshot_workdir(
     num_tasks: int | None = None,
 ) -> dict[str, Any]:
     """K-shot curves of a checkpoint of `workdir` (`studies.kshot_curves`), written to eval/kshot_step_<S>.*."""
-    if not os.path.isdir(workdir):
-        raise EvaluationError(f"workdir {workdir} does not exist")
-    config = load_config(workdir)
-    if num_tasks is not None and num_tasks < 1:
-        raise EvaluationError(f"--num_tasks must be >= 1, got {num_tasks}")
-    train.configure_jax(config)
-    model = model_lib.make_model(config)
-    meta_params, step = restore_meta_params(workdir, config, model, step)
+    config, _, meta_params, step = load_run(workdir, step, num_tasks)
     record = studies.kshot_curves(
-        config, meta_params, tasks_lib.split_keys(config.seed)["eval"], shots, budgets, num_tasks
+        config, meta_params, tasks_lib.split_keys(config.seed)["eval"], shots, budgets
     )
     record.update(step=step, workdir=os.path.abspath(workdir))
     table = studies.kshot_table(record)

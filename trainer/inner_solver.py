@@ -101,7 +101,9 @@ class LBFGSSolver:
     The solver iterates on one flat vector (the parameters ravelled), not on the parameter pytree: jaxopt's
     tree operations then act on one array instead of one per leaf, which made a step ~2.3x faster on CPU
     (measured, 8-leaf MLP, the same iterates and meta-gradient to 1e-9); the linear solve of implicit
-    differentiation runs on flat vectors too.
+    differentiation runs on flat vectors too, which also keeps jax 0.10.2's vmap of the jax.scipy iterative
+    solvers working for conv nets (it asserted when a right-hand side's leaves were batched along different
+    axes, as a vmapped conv kernel's gradient and its bias's are).
     """
 
     maxiter: int

@@ -10,14 +10,12 @@ Both return JSON-ready records; `write_*` add a markdown table and a figure besi
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
@@ -32,17 +30,16 @@ from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 
 
-def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
-    """A validated copy of `config` with dotted fields (`__` for the dot) replaced."""
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        for name, value in fields.items():
-            group, field = name.split("__")
-            config[group][field] = value
-    return config_lib.validate(config)
-
-
-ALL_METHODS = ("adapted", "prior", "zero", "chance", "scratch_prox", "scratch")  # evaluation.methods(family).
+def split_field(config: ml_collections.ConfigDict, field: str) -> tuple[str, str]:
+    """("group", "name") of a config field "group.name"; a ConfigError when there is no such field."""
+    group, _, name = field.partition(".")
+    if (
+        group not in config
+        or not isinstance(config[group], ml_collections.ConfigDict)
+        or name not in config[group]
+    ):
+        raise config_lib.ConfigError(f"{field!r} is not a config field (expected GROUP.FIELD)")
+    return group, name
 
 
 def _adapted_metric_fn(config: ml_collections.ConfigDict, model, family) -> Callable:
@@ -88,24 +85,23 @@ def kshot_curves(
         raise config_lib.ConfigError(f"shots must be >= 1 and budgets >= 0; got {shots} and {budgets}")
     num_tasks = num_tasks or config.eval.num_tasks
     model = model_lib.make_model(config)
-    dtype = model_lib.dtype_of(config)
     rows = []
     for k in shots:
-        config_k = _with(config, tasks__num_support=int(k), eval__num_tasks=int(num_tasks))
+        config_k = config_lib.with_fields(
+            config, {"tasks.num_support": int(k), "eval.num_tasks": int(num_tasks)}
+        )
         evaluator = evaluation.Evaluator(config_k, model, eval_key)
-        summary, _ = evaluator(meta_params)
+        summary, outputs = evaluator(meta_params)
         family = evaluator.family
         metric = family.metric_names[0]
-        indices = jnp.arange(num_tasks, dtype=jnp.int32)
-        tasks = jax.jit(lambda data, key, idx, f=family: f.heldout(data, key, idx, dtype))(
-            evaluator.data, evaluator.task_key, indices
-        )
+        tasks = outputs["tasks"]  # The evaluation's own tasks: every budget is scored on them.
         by_budget = {}
         for budget in budgets:
             if budget == 0:
                 mean, ci = summary[f"eval/prior_{metric}"], summary[f"eval/prior_{metric}_ci95"]
             else:
-                fn = _adapted_metric_fn(_with(config_k, inner__maxiter=int(budget)), model, family)
+                config_b = config_lib.with_fields(config_k, {"inner.maxiter": int(budget)})
+                fn = _adapted_metric_fn(config_b, model, family)
                 mean, ci = evaluation.mean_ci95(np.asarray(fn(meta_params, tasks)))
             by_budget[str(budget)] = dict(mean=mean, ci95=ci)
         rows.append(
@@ -220,25 +216,21 @@ def sweep(
     values are validated before the first run starts. `train_fn(config, workdir)` returns the TrainResult
     (train.train_and_evaluate by default).
     """
-    if "." not in field or field.split(".", 1)[0] not in config:
-        raise config_lib.ConfigError(f"sweep field {field!r} is not a config field (expected GROUP.FIELD)")
-    group, name = field.split(".", 1)
-    if name not in config[group]:
-        raise config_lib.ConfigError(f"sweep field {field!r} is not a config field")
+    _, name = split_field(config, field)
     if not values:
         raise config_lib.ConfigError(f"sweep over {field}: no values given")
-    configs = [_with(config, **{f"{group}__{name}": v}) for v in values]  # Fails before any training.
+    configs = [config_lib.with_fields(config, {field: v}) for v in values]  # Fails before any training.
     if train_fn is None:
         from trainer import train
 
         train_fn = train.train_and_evaluate
-    metric = families_lib.get_family(config).metric_names[0]
+    family = families_lib.get_family(config)
+    metric, methods = family.metric_names[0], evaluation.methods(family)
     rows = []
     for value, run_config in zip(values, configs, strict=True):
         run_dir = os.path.join(workdir, f"{name}_{_value_name(value)}")
         result = train_fn(run_config, run_dir)
         summary = result.eval_summary or _last_evaluation(run_dir, metric)  # Empty: it had finished before.
-        methods = [m for m in ALL_METHODS if f"eval/{m}_{metric}" in summary]
         rows.append(
             dict(
                 value=value,

@@ -29,10 +29,9 @@ flags.mark_flags_as_required(["config", "workdir", "values"])
 def parse_values(config, field: str, texts: list[str]) -> list:
     """The values as the field's type (float, int, bool or str); a ConfigError names the bad one."""
     from trainer import config as config_lib
+    from trainer import studies
 
-    group, _, name = field.partition(".")
-    if group not in config or not name or name not in config[group]:
-        raise config_lib.ConfigError(f"--field {field!r} is not a config field (expected GROUP.FIELD)")
+    group, name = studies.split_field(config, field)
     kind = type(config[group][name])
     values = []
     for text in texts:
@@ -59,9 +58,9 @@ def main(argv):
 
     config = _CONFIG.value
     try:
+        distributed.use_cpu_devices(_CPU_DEVICES.value)  # Before anything could start JAX.
         config_lib.validate(config)
         values = parse_values(config, _FIELD.value, _VALUES.value)
-        distributed.use_cpu_devices(_CPU_DEVICES.value)
     except (config_lib.ConfigError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
