@@ -36,8 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     """The default experiment: sinusoid iMAML, a fresh meta-batch of 32 tasks each step."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Base PRNG seed: model init, training tasks and held-out tasks derive from it.
-    # JAX's persistent compilation cache, so a resumed or repeated run does not compile again:
-    # "" means <workdir>/jax_cache, "none" disables it (JAX_COMPILATION_CACHE_DIR, if set, wins).
+    # Compiled programs kept for a resumed or repeated run: JAX's persistent compilation cache (when the
+    # JAX_COMPILATION_CACHE_DIR variable is set, JAX uses that instead) and the train step's executable
+    # (trainer/executables.py). "" means <workdir>/jax_cache, "none" keeps neither.
     c.compile_cache_dir = ""
 
     c.model = ml_collections.ConfigDict()
@@ -313,12 +314,12 @@ def _nearest_multiples(value: int, divisor: int) -> list[int]:
 
 
 def with_fields(config: ml_collections.ConfigDict, fields: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A validated copy of `config` with the dotted fields ("inner.l2reg": 0.1, ...) replaced."""
+    """A validated copy of `config` with the named fields ("inner.l2reg": 0.1, "seed": 3, ...) replaced."""
     config = copy.deepcopy(config)
     with config.unlocked():
         for name, value in fields.items():
-            group, _, field = name.partition(".")
-            config[group][field] = value
+            group, _, field = name.rpartition(".")
+            (config[group] if group else config)[field] = value
     return validate(config)
 
 

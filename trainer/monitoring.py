@@ -129,6 +129,10 @@ class CompileTimer:
             self._active = True
         return self
 
+    def record(self, seconds: float) -> None:
+        """Adds time JAX does not report as compilation (loading a saved executable)."""
+        self.seconds += seconds
+
     def stop(self) -> float:
         if self._active:
             jax.monitoring.unregister_event_duration_listener(self._listener)

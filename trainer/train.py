@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from trainer import checkpointing, evaluation, families, figures, monitoring, optim, parallel
+from trainer import checkpointing, evaluation, executables, families, figures, monitoring, optim, parallel
 from trainer import config as config_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
@@ -191,6 +191,13 @@ def _train_and_evaluate(
 
     step_started = time.perf_counter()
     compile_timer = cleanup.enter_context(monitoring.CompileTimer())  # Stopped after the first dispatch.
+    train_step = backend.step
+    if start_step < last:  # The step's executable saved by an earlier run, or compiled now and saved.
+        train_step, source, seconds = executables.train_step_for_run(
+            backend, config, workdir, state, backend.sample_tasks(task_key, start_step), log=writer.log
+        )
+        if source == "loaded":  # No JAX compile event reports a loaded executable.
+            compile_timer.record(seconds)
     preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
     for step in range(start_step, last):
         if preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
@@ -202,7 +209,7 @@ def _train_and_evaluate(
             raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory)
         done_step = step + 1
         task_batch = backend.sample_tasks(task_key, step)
-        state, device_metrics = backend.step(state, task_batch)  # Dispatched; runs while we log step N-1.
+        state, device_metrics = train_step(state, task_batch)  # Dispatched; runs while we log step N-1.
         compile_timer.stop()
         if pending is not None:
             finish(*pending)
