@@ -24,6 +24,7 @@ from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 
+LOOSE_KEY = "implicit_loose_inner_tol"  # The row of settings.loose_inner_tol (read by the report).
 UNCAPPED_TOL = 1e-30  # A CG tolerance never reached: the solve runs exactly solver_maxiter iterations.
 
 
@@ -74,6 +75,14 @@ def relative_errors(grads: np.ndarray, exact: np.ndarray) -> dict[str, float]:
 def variants(settings: Settings) -> list[tuple[str, str, dict[str, Any]]]:
     """(key, description, config overrides) of the project's estimators measured."""
     rows = [("implicit_default", "implicit, CG to tol 1e-10 (<= 200 it; the project's default)", {})]
+    if settings.loose_inner_tol:
+        rows.append(
+            (
+                LOOSE_KEY,
+                f"implicit, inner tol {settings.loose_inner_tol:g} (CG to tol 1e-10; throughput's loose row)",
+                dict(inner__tol=settings.loose_inner_tol),
+            )
+        )
     rows += [
         (
             f"implicit_cg{k}",

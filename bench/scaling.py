@@ -45,10 +45,13 @@ def run_worker(
     compile_cache: bool,
     timeout_s: float = 900,
     cache_dir: str | None = None,
+    executable: bool = True,
 ) -> dict[str, Any]:
     """One device count in a subprocess; a row with an `error` when it fails.
 
-    With `cache_dir`, the worker uses the trainer's persistent compilation cache there (train.configure_jax).
+    With `cache_dir`, the worker uses the trainer's persistent compilation cache there (train.configure_jax)
+    and, if `executable`, gets its step as the train loop does (trainer.executables: the executable saved
+    there, or compiled and saved).
     """
     command = [
         sys.executable,
@@ -62,13 +65,16 @@ def run_worker(
         _settings_json(settings),
     ] + ([] if compile_cache else ["--no-compile-cache"])
     if cache_dir is not None:
-        command += ["--cache-dir", cache_dir]
+        command += ["--cache-dir", cache_dir] + ([] if executable else ["--no-executable"])
     row: dict[str, Any] = dict(platform=platform, devices=num_devices)
+    env = _worker_env(platform, num_devices)
+    if cache_dir is not None:  # The trainer's own cache folder, not one shared through the environment.
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     try:
         proc = subprocess.run(
             command,
             cwd=REPO,
-            env=_worker_env(platform, num_devices),
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -105,23 +111,28 @@ def run(settings, platforms: dict[str, int], compile_cache: bool, log=print) -> 
 
 
 def cache_run(settings, platform: str, log=print) -> dict[str, Any]:
-    """A run's step compiled in a fresh process with an empty compilation cache, then in another (a resume)."""
+    """A run's step got as the train loop gets it, in a fresh process with an empty cache folder (compiled,
+    executable saved), then in two more fresh processes on that folder, as resumed runs: one with JAX's
+    compilation cache alone (traced, lowered, compilation read from the cache), one as the trainer does it
+    (the saved executable loaded)."""
     settings = dataclasses.replace(settings, task_mapping="map")
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as cache_dir:
-        cold = run_worker(settings, platform, 1, True, cache_dir=cache_dir)
-        warm = run_worker(settings, platform, 1, True, cache_dir=cache_dir)
-    for name, row in (("first run", cold), ("resumed run", warm)):
+        runs = {
+            "first": run_worker(settings, platform, 1, True, cache_dir=cache_dir),
+            "cache_only": run_worker(settings, platform, 1, True, cache_dir=cache_dir, executable=False),
+            "resumed": run_worker(settings, platform, 1, True, cache_dir=cache_dir),
+        }
+    for name, row in runs.items():
         if "error" in row:
             log(f"  {name}: {row['error']}")
-            return dict(error=row["error"])
-        log(f"  {name}: compile {row['compile_s']:.2f} s (tracing and lowering {row['lower_s']:.2f} s)")
+            return dict(error=f"{name}: {row['error']}")
+        log(f"  {name}: {row['compile_s']:.2f} s ({row['source']})")
+    first = runs["first"]["compile_s"]
     return dict(
         meta_batch=settings.scaling_batch,
-        first_compile_s=cold["compile_s"],
-        first_lower_s=cold["lower_s"],
-        resumed_compile_s=warm["compile_s"],
-        resumed_lower_s=warm["lower_s"],
-        ratio=warm["compile_s"] / cold["compile_s"],
+        runs={name: {k: row[k] for k in ("compile_s", "lower_s", "source")} for name, row in runs.items()},
+        ratio=runs["resumed"]["compile_s"] / first,
+        cache_only_ratio=runs["cache_only"]["compile_s"] / first,
     )
 
 
@@ -132,6 +143,9 @@ def _worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", required=True, help="bench.settings.Settings as JSON")
     parser.add_argument("--no-compile-cache", action="store_true")
     parser.add_argument("--cache-dir", help="use the trainer's persistent compilation cache in this folder")
+    parser.add_argument(
+        "--no-executable", action="store_true", help="with --cache-dir: compile, ignoring a saved executable"
+    )
     args = parser.parse_args(argv)
 
     import warnings
@@ -141,8 +155,8 @@ def _worker_main(argv: list[str] | None = None) -> None:
 
     from bench.settings import Problem, Settings, make_config
     from bench.timing import time_calls
+    from trainer import executables, parallel, train
     from trainer import meta_grad as meta_grad_lib
-    from trainer import parallel, train
 
     if args.no_compile_cache and not args.cache_dir:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -164,11 +178,20 @@ def _worker_main(argv: list[str] | None = None) -> None:
     )
     host_state = problem.host_state()
     task_batch = backend.sample_tasks(problem.task_key, 0)
-    start = time.perf_counter()
-    lowered = backend.step.lower(backend.put_state(host_state), task_batch)  # Tracing and lowering.
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()  # XLA compilation, or a persistent-cache hit.
-    compile_s = time.perf_counter() - start
+    if args.cache_dir and not args.no_executable:  # As train.py gets its step: loaded, or compiled and saved.
+        args_ = (backend.put_state(host_state), task_batch)
+        key = executables.fingerprint(config, backend.devices, args_)
+        compiled, source, compile_s = executables.load_or_compile(
+            backend.step, args_, args.cache_dir, key, backend.devices, log=lambda message: None
+        )
+        lower_s = None
+    else:
+        start = time.perf_counter()
+        lowered = backend.step.lower(backend.put_state(host_state), task_batch)  # Tracing and lowering.
+        lower_s = time.perf_counter() - start
+        compiled = lowered.compile()  # XLA compilation, or a persistent-cache hit.
+        compile_s = time.perf_counter() - start
+        source = "lower().compile()"
     timing, (_, metrics) = time_calls(
         compiled,
         lambda: (backend.put_state(host_state), task_batch),
@@ -181,6 +204,7 @@ def _worker_main(argv: list[str] | None = None) -> None:
             dict(
                 compile_s=compile_s,
                 lower_s=lower_s,
+                source=source,
                 step_s=timing.to_json(),
                 device_kind=jax.devices()[0].device_kind,
                 visible_devices=jax.device_count(),

@@ -48,7 +48,7 @@ def test_quick_writes_the_table_to_stdout_and_results(quick_run):
         "## 2. Scaling",
         "## 3. Memory",
         "## 4. Meta-gradient estimators",
-        "## 5. Persistent compilation cache",
+        "## 5. A resumed run's compile",
     ):
         assert heading in table
     assert results["mode"] == "quick"
@@ -79,6 +79,15 @@ def test_quick_throughput_chunks_the_notebook_loop_and_shards_the_project(quick_
         notebook, project = rows[num_tasks]["notebook"], rows[num_tasks]["project"]["map"]
         assert project["inner_iterations_mean"] == pytest.approx(notebook["inner_iterations_mean"], rel=0.15)
     assert "Compile time of the project's step (map)" in table
+    # The project at the looser inner tolerance, with that tolerance's meta-gradient error beside it.
+    loose_tol = results["settings"]["loose_inner_tol"]
+    assert all(f"map, inner tol {loose_tol:g}" in row["project"] for row in rows.values())
+    loose_error = next(
+        r["rel_error_of_mean"]
+        for r in results["sections"]["accuracy"]["rows"]
+        if r["key"] == "implicit_loose_inner_tol"
+    )
+    assert f"| project, map, inner tol {loose_tol:g} |" in table and f"{loose_error:.1e}" in table
 
 
 @pytest.mark.slow
@@ -106,23 +115,40 @@ def test_quick_estimator_errors_against_the_exact_meta_gradient(quick_run):
     accuracy = results["sections"]["accuracy"]
     assert accuracy["reference_residual_max"] <= accuracy["reference_tol"]
     errors = {row["key"]: row["rel_error_of_mean"] for row in accuracy["rows"]}
-    assert set(errors) == {"implicit_default", "implicit_cg1", "first_order", "unrolled", "notebook"}
+    assert set(errors) == {
+        "implicit_default",
+        "implicit_loose_inner_tol",
+        "implicit_cg1",
+        "first_order",
+        "unrolled",
+        "notebook",
+    }
     assert all(math.isfinite(e) for e in errors.values())
     # Both formulations compute the implicit meta-gradient: close to the exact one (the quick run's inner
     # solves stop at 30 iterations, hence not closer), and much closer than one CG iteration or first order.
     assert errors["implicit_default"] < 0.05 and errors["notebook"] < 0.05
     assert errors["implicit_cg1"] > 5 * errors["implicit_default"]
     assert errors["first_order"] > 5 * errors["implicit_default"]
+    # A looser inner tolerance (1e-2 against 1e-6) solves less accurately: a larger meta-gradient error.
+    assert errors["implicit_loose_inner_tol"] > errors["implicit_default"]
 
 
 @pytest.mark.slow
-def test_quick_cache_compiles_a_first_and_a_resumed_run(quick_run):
-    _, _, results = quick_run
+def test_quick_cache_compiles_then_reads_the_cache_then_loads_the_executable(quick_run):
+    _, table, results = quick_run
     cache = results["sections"]["cache"]
     assert "error" not in cache, cache
-    for key in ("first_compile_s", "first_lower_s", "resumed_compile_s", "resumed_lower_s"):
-        assert cache[key] > 0
-    assert cache["ratio"] == cache["resumed_compile_s"] / cache["first_compile_s"]
+    runs = cache["runs"]
+    # The first run compiles and saves; a resumed run on the same folder loads what it saved.
+    assert [runs[name]["source"] for name in ("first", "cache_only", "resumed")] == [
+        "compiled",
+        "lower().compile()",
+        "loaded",
+    ]
+    assert runs["cache_only"]["lower_s"] > 0
+    assert all(run["compile_s"] > 0 for run in runs.values())
+    assert cache["ratio"] == runs["resumed"]["compile_s"] / runs["first"]["compile_s"]
+    assert "the saved executable loaded" in table
 
 
 def test_bad_arguments_are_rejected_with_the_allowed_values(capsys):
