@@ -54,8 +54,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"tol {s['inner_tol']:g}, {s['linesearch']} line search.",
         f"- Times: median [min–max] of up to {s['reps']} calls after 1 warm-up call (at least 2, and no more "
         f"once {s['budget_s']:g} s were spent), in seconds. Compile times (lower + compile, tracing "
-        f"included): the median of {s.get('compile_repeats', 1)} for the project on one device, one measurement "
-        f"elsewhere; {results['compile_cache']}.",
+        f"included) are one measurement each, except the compile-time line of section 1; "
+        f"{results['compile_cache']}.",
         "",
     ]
 
@@ -118,26 +118,15 @@ def _throughput(section: dict[str, Any], accuracy: dict[str, Any] | None) -> lis
                 )
             )
     lines.append("")
-    for mapping in section["rows"][0]["project"]:
-        if "devices" in mapping:
-            continue
-        compiles = [
-            r["project"][mapping] for r in section["rows"] if "compile_s" in r["project"].get(mapping, {})
+    compiles = section.get("compile_times")
+    if compiles:
+        by_tasks = ", ".join(f"{n} tasks {_t(t)}" for n, t in compiles["by_tasks"].items())
+        lines += [
+            f"Compile time of the project's step ({compiles['mapping']}, one device) against the meta-batch, "
+            f"{compiles['rounds']} rounds, each compiling every size in turn (median [min–max], s): {by_tasks}; "
+            f"max/min of the medians {compiles['max_over_min']:.2f}.",
+            "",
         ]
-        if len(compiles) < 2:
-            continue
-        medians = [c["compile_s"] for c in compiles]
-        spread = ", ".join(
-            f"{c['num_tasks']}: {_t(c['compile_s_all'])}" if "compile_s_all" in c else f"{c['compile_s']:.1f}"
-            for c in (
-                {**c, "num_tasks": r["num_tasks"]} for c, r in zip(compiles, section["rows"], strict=False)
-            )
-        )
-        lines.append(
-            f"- Compile time of the project's step ({mapping}) against the meta-batch, median [min–max] of "
-            f"repeated compilations, s: {spread}; max/min of the medians {max(medians) / min(medians):.2f}."
-        )
-    lines.append("")
     return lines
 
 

@@ -14,8 +14,9 @@ lambda, maxiter and tol:
             update, a negligible extra).
 The project also runs at `loose_inner_tol` (tasks mapped; one device, and the most devices): section 4 measures that tolerance's
 meta-gradient error, which must be no worse than the notebook's for the comparison to count.
-Compile time is `lower().compile()` (tracing included): the median of `compile_repeats` compilations for the
-project on one device, one compilation elsewhere; step time is the compiled call until its
+Compile time is `lower().compile()` (tracing included), once per row; `compile_times` then compiles the
+project's one-device step at every size in alternation, `compile_repeats` rounds (compile time against the
+meta-batch). Step time is the compiled call until its
 outputs are ready, each call on a fresh copy of the same state (the project's step donates it).
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from bench import notebook_baseline, scaling
 from bench.settings import Problem, Settings, make_config
-from bench.timing import Timing, compile_repeated, compile_timed, time_calls
+from bench.timing import Timing, compile_timed, time_calls
 from trainer import meta_grad as meta_grad_lib
 from trainer import parallel
 
@@ -44,11 +45,8 @@ def _summary(num_tasks: int, compile_s: float, timing, iterations_mean, iteratio
     )
 
 
-def project_step(
-    settings: Settings, num_tasks: int, mapping: str, log=print, inner_tol: float | None = None
-) -> dict[str, Any]:
-    """The project's step on one device, its tasks one after another (mapping 'map') or vmapped ('vmap'), at
-    the benchmark's inner tolerance or at `inner_tol`. Compiled settings.compile_repeats times (median)."""
+def _project_backend(settings: Settings, num_tasks: int, mapping: str, inner_tol: float | None = None):
+    """(backend, host state, task batch) of the project's step on one device."""
     config = make_config(
         settings,
         train__meta_batch_size=num_tasks,
@@ -59,12 +57,16 @@ def project_step(
     backend = parallel.make_backend(
         config, meta_grad_lib.make_task_meta_grad(config, problem.model), problem.optimizer, problem.dtype
     )
-    host_state = problem.host_state()
-    task_batch = jax.device_put(problem.tasks(num_tasks), backend.devices[0])
-    compiled, compile_timing = compile_repeated(
-        backend.step, backend.put_state(host_state), task_batch, repeats=settings.compile_repeats
-    )
-    compile_s = compile_timing.median
+    return backend, problem.host_state(), jax.device_put(problem.tasks(num_tasks), backend.devices[0])
+
+
+def project_step(
+    settings: Settings, num_tasks: int, mapping: str, log=print, inner_tol: float | None = None
+) -> dict[str, Any]:
+    """The project's step on one device, its tasks one after another (mapping 'map') or vmapped ('vmap'), at
+    the benchmark's inner tolerance or at `inner_tol`."""
+    backend, host_state, task_batch = _project_backend(settings, num_tasks, mapping, inner_tol)
+    compiled, compile_s = compile_timed(backend.step, backend.put_state(host_state), task_batch)
     timing, (_, metrics) = time_calls(
         compiled,
         lambda: (backend.put_state(host_state), task_batch),
@@ -73,10 +75,34 @@ def project_step(
     )
     name = mapping if inner_tol is None else f"{mapping}, inner tol {inner_tol:g}"
     log(f"  project ({name}) T={num_tasks}: step {timing.median:.3f} s, compile {compile_s:.1f} s")
-    summary = _summary(
+    return _summary(
         num_tasks, compile_s, timing, metrics["inner_iterations_mean"], metrics["inner_iterations_max"]
     )
-    return {**summary, "compile_s_all": compile_timing.to_json()}
+
+
+def compile_times(settings: Settings, mapping: str = "map", log=print) -> dict[str, Any]:
+    """The project's one-device step compiled at every meta-batch size in turn, `compile_repeats` rounds.
+
+    Sizes alternate within each round, so a slow spell of a shared machine falls on all of them rather than on
+    one size's repetitions; JAX's in-memory caches are cleared before each compilation."""
+    setups = {n: _project_backend(settings, n, mapping) for n in settings.task_counts}
+    samples: dict[int, list[float]] = {n: [] for n in settings.task_counts}
+    for _ in range(settings.compile_repeats):
+        for num_tasks, (backend, host_state, task_batch) in setups.items():
+            jax.clear_caches()
+            samples[num_tasks].append(
+                compile_timed(backend.step, backend.put_state(host_state), task_batch)[1]
+            )
+    timings = {n: Timing.of(s) for n, s in samples.items()}
+    medians = [t.median for t in timings.values()]
+    spread = max(medians) / min(medians)
+    log(f"  compile ({mapping}): " + ", ".join(f"T={n} {t.median:.1f} s" for n, t in timings.items()))
+    return dict(
+        mapping=mapping,
+        rounds=settings.compile_repeats,
+        by_tasks={str(n): t.to_json() for n, t in timings.items()},
+        max_over_min=spread,
+    )
 
 
 def sharded_step(
@@ -182,4 +208,8 @@ def run(settings: Settings, platform: str, devices: int, compile_cache: bool, lo
                 m: notebook_median / p["step_s"]["median"] for m, p in row["project"].items() if "step_s" in p
             }
         rows.append(row)
-    return dict(baseline_max_tasks=settings.baseline_max_tasks, rows=rows)
+    return dict(
+        baseline_max_tasks=settings.baseline_max_tasks,
+        rows=rows,
+        compile_times=compile_times(settings, log=log),
+    )

@@ -38,17 +38,6 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
     return compiled, time.perf_counter() - start
 
 
-def compile_repeated(jitted, *args, repeats: int) -> tuple[Any, Timing]:
-    """`compile_timed` `repeats` times, JAX's in-memory caches cleared before each (a one-shot compile time
-    varies by up to ~1.5x on a busy machine); the last executable and the timing of all of them."""
-    samples, compiled = [], None
-    for _ in range(repeats):
-        jax.clear_caches()
-        compiled, seconds = compile_timed(jitted, *args)
-        samples.append(seconds)
-    return compiled, Timing.of(samples)
-
-
 def time_calls(
     fn: Callable[..., Any],
     make_args: Callable[[], tuple] = tuple,
