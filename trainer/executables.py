@@ -122,7 +122,12 @@ def _load(path: str, devices: list[jax.Device]) -> jax.stages.Compiled:
 
 
 def _compile(jitted, args: tuple) -> tuple[jax.stages.Compiled, bool]:
-    """`jitted.lower(*args).compile()`, and whether it came from JAX's persistent compilation cache."""
+    """`jitted.lower(*args).compile()`, and whether it came from JAX's persistent compilation cache.
+
+    A second compile of the same jitted object in one process returns JAX's in-memory executable without any
+    event, whatever its origin: callers pass a step built for this run (train.py builds a backend per run; a
+    new backend's step misses the in-memory cache, measured).
+    """
     hits = []
 
     def listener(event: str, **kwargs) -> None:
