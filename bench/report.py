@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.accuracy import LOOSE_KEY
+
 
 def _t(timing: dict[str, Any] | None) -> str:
     """A timing as 'median [min-max]' in seconds."""
@@ -88,7 +90,7 @@ def _throughput(section: dict[str, Any], accuracy: dict[str, Any] | None) -> lis
             for name, key in (
                 ("notebook", "notebook"),
                 ("project", "implicit_default"),
-                ("loose", "implicit_loose_inner_tol"),
+                ("loose", LOOSE_KEY),
             )
             if key in by_key
         }

@@ -179,10 +179,13 @@ def _worker_main(argv: list[str] | None = None) -> None:
     host_state = problem.host_state()
     task_batch = backend.sample_tasks(problem.task_key, 0)
     if args.cache_dir and not args.no_executable:  # As train.py gets its step: loaded, or compiled and saved.
-        args_ = (backend.put_state(host_state), task_batch)
-        key = executables.fingerprint(config, backend.devices, args_)
-        compiled, source, compile_s = executables.load_or_compile(
-            backend.step, args_, args.cache_dir, key, backend.devices, log=lambda message: None
+        compiled, source, compile_s = executables.train_step_for_run(
+            backend,
+            config,
+            args.cache_dir,
+            backend.put_state(host_state),
+            task_batch,
+            log=lambda message: None,
         )
         lower_s = None
     else:

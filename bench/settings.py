@@ -28,9 +28,8 @@ class Settings:
     linesearch: str = "zoom"  # L-BFGS line search of both formulations (jaxopt's default: zoom).
     task_mapping: str = "auto"  # parallel.task_mapping of sections 2 and 5 (auto: lax.map on CPU, vmap else).
     reps: int = 5  # Timed repetitions after one warm-up call.
-    compile_repeats: int = (
-        3  # Rounds of section 1's compile-time measurement (every meta-batch size per round).
-    )
+    # Rounds of section 1's compile-time measurement (every meta-batch size once per round).
+    compile_repeats: int = 3
     budget_s: float = 10.0  # Stop repeating a measurement after this many timed seconds (>= 2 repetitions).
     # 1. Throughput against the notebook's formulation.
     task_counts: tuple[int, ...] = (4, 32, 256)

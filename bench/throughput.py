@@ -12,12 +12,12 @@ lambda, maxiter and tol:
             meta-batch runs that compiled program on consecutive chunks of tasks, one after another (the loop
             runs its tasks one after another anyway, so its cost is the sum; each chunk applies its own Adam
             update, a negligible extra).
-The project also runs at `loose_inner_tol` (tasks mapped; one device, and the most devices): section 4 measures that tolerance's
-meta-gradient error, which must be no worse than the notebook's for the comparison to count.
+The project also runs at `loose_inner_tol` (tasks mapped; one device, and the most devices): section 4 measures
+that tolerance's meta-gradient error, which must be no worse than the notebook's for the comparison to count.
 Compile time is `lower().compile()` (tracing included), once per row; `compile_times` then compiles the
 project's one-device step at every size in alternation, `compile_repeats` rounds (compile time against the
-meta-batch). Step time is the compiled call until its
-outputs are ready, each call on a fresh copy of the same state (the project's step donates it).
+meta-batch). Step time is the compiled call until its outputs are ready, each call on a fresh copy of the same
+state (the project's step donates it).
 """
 
 from __future__ import annotations

@@ -7,9 +7,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
+import numpy as np
 
 from trainer import config as config_lib
+from trainer import meta_grad as meta_grad_lib
+from trainer import model as model_lib
+from trainer import optim, parallel
+from trainer import tasks as tasks_lib
+from trainer import train_step as train_step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +37,20 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 2
     c.parallel.backend = "none"
     return config_lib.with_fields(c, overrides)
+
+
+def make_backend(config: ml_collections.ConfigDict):
+    """The config's backend (parallel.make_backend), the initial host TrainState and the training task key,
+    built as train.py builds them."""
+    model = model_lib.make_model(config)
+    keys = tasks_lib.split_keys(config.seed)
+    optimizer, _ = optim.make_optimizer(config)
+    backend = parallel.make_backend(
+        config, meta_grad_lib.make_task_meta_grad(config, model), optimizer, model_lib.dtype_of(config)
+    )
+    init = model_lib.init_params(model, keys["init"])
+    host_state = jax.tree.map(np.asarray, train_step_lib.create_train_state(init, optimizer, keys["train"]))
+    return backend, host_state, keys["train"]
 
 
 def run_cli(

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from bench.accuracy import LOOSE_KEY
 from tests import helpers
 
 
@@ -85,9 +86,7 @@ def test_quick_throughput_chunks_the_notebook_loop_and_shards_the_project(quick_
     loose_tol = results["settings"]["loose_inner_tol"]
     assert all(f"map, inner tol {loose_tol:g}" in row["project"] for row in rows.values())
     loose_error = next(
-        r["rel_error_of_mean"]
-        for r in results["sections"]["accuracy"]["rows"]
-        if r["key"] == "implicit_loose_inner_tol"
+        r["rel_error_of_mean"] for r in results["sections"]["accuracy"]["rows"] if r["key"] == LOOSE_KEY
     )
     assert f"| project, map, inner tol {loose_tol:g} |" in table and f"{loose_error:.1e}" in table
 
@@ -119,7 +118,7 @@ def test_quick_estimator_errors_against_the_exact_meta_gradient(quick_run):
     errors = {row["key"]: row["rel_error_of_mean"] for row in accuracy["rows"]}
     assert set(errors) == {
         "implicit_default",
-        "implicit_loose_inner_tol",
+        LOOSE_KEY,
         "implicit_cg1",
         "first_order",
         "unrolled",

@@ -13,27 +13,12 @@ import pytest
 
 from tests import helpers
 from trainer import config as config_lib
-from trainer import executables, optim, parallel
-from trainer import meta_grad as meta_grad_lib
-from trainer import model as model_lib
-from trainer import tasks as tasks_lib
-from trainer import train_step as train_step_lib
+from trainer import executables
 
 
 def _setup(config):
-    model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
-    optimizer, _ = optim.make_optimizer(config)
-    backend = parallel.make_backend(
-        config, meta_grad_lib.make_task_meta_grad(config, model), optimizer, model_lib.dtype_of(config)
-    )
-    host = jax.tree.map(
-        np.asarray,
-        train_step_lib.create_train_state(
-            model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
-        ),
-    )
-    return backend, host, backend.sample_tasks(keys["train"], 0)
+    backend, host, train_key = helpers.make_backend(config)
+    return backend, host, backend.sample_tasks(train_key, 0)
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,7 @@ def _omniglot_config(**overrides):
     c.tasks.image_size = 8
     c.parallel.backend = "none"
     c.parallel.task_mapping = "map"  # lax.map: half the compile time of a vmapped conv-net solve on CPU.
-    for name, value in overrides.items():
-        group, field = name.split(".")
-        c[group][field] = value
-    return config_lib.validate(c)
+    return config_lib.with_fields(c, overrides)
 
 
 def _synthetic_data(num_classes=12, size=8, seed=0):

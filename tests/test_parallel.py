@@ -16,11 +16,6 @@ from jax.flatten_util import ravel_pytree
 
 from tests import helpers
 from trainer import config as config_lib
-from trainer import meta_grad as meta_grad_lib
-from trainer import model as model_lib
-from trainer import optim, parallel
-from trainer import tasks as tasks_lib
-from trainer import train_step as train_step_lib
 
 WELL_CONDITIONED = {
     "inner.l2reg": 1.0,
@@ -38,22 +33,11 @@ def run_steps(config, backend_name, num_devices, num_steps):
     config = config_lib.validate(config.copy_and_resolve_references())
     config.parallel.backend = backend_name
     config.parallel.num_devices = num_devices
-    model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
-    optimizer, _ = optim.make_optimizer(config)
-    backend = parallel.make_backend(
-        config, meta_grad_lib.make_task_meta_grad(config, model), optimizer, model_lib.dtype_of(config)
-    )
-    host = jax.tree.map(
-        np.asarray,
-        train_step_lib.create_train_state(
-            model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
-        ),
-    )
+    backend, host, train_key = helpers.make_backend(config)
     state = backend.put_state(host)
     states, metrics = [host], []
     for step in range(num_steps):
-        state, m = backend.step(state, backend.sample_tasks(keys["train"], step))
+        state, m = backend.step(state, backend.sample_tasks(train_key, step))
         states.append(backend.host_state(state))
         metrics.append(backend.metrics_to_host(m))
     return backend, states, metrics

@@ -13,8 +13,9 @@ Used for single-process runs with the `shard_map` or `none` backend; `pmap` and 
 compilation cache alone. Only a fresh compilation is saved (what JAX's own cache writes at that moment): an
 executable that JAX read from its compilation cache re-serialises incompletely on XLA:CPU (jax 0.10.2: the file
 loads, then fails with "Function ... not found" when run), so a run whose step came from a shared compilation
-cache saves nothing and its resume reads that cache again. A file that cannot be loaded is reported and compiled again (it is a cache; no
-training state is in it). Loading an executable runs its code: like a pickle, only load workdirs you trust.
+cache saves nothing and its resume reads that cache again. A file that cannot be loaded is reported, removed and
+compiled again (it is a cache; no training state is in it). Loading an executable runs its code: like a pickle,
+only load workdirs you trust.
 """
 
 from __future__ import annotations

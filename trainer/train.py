@@ -41,13 +41,9 @@ def configure_jax(config: ml_collections.ConfigDict, workdir: str | None = None)
     """Global JAX settings the config needs; must run before any array is created."""
     if config.model.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    if (
-        workdir is not None
-        and not os.environ.get("JAX_COMPILATION_CACHE_DIR")
-        and config.compile_cache_dir != "none"
-    ):
-        cache_dir = config.compile_cache_dir or os.path.join(workdir, "jax_cache")
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    cache_dir = None if workdir is None else executables.cache_directory(config, workdir)
+    if cache_dir is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
         # Cache only programs worth it (the train step and evaluation take seconds to compile).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
