@@ -51,7 +51,7 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"flax {m['flax']}, optax {m['optax']}; XLA_FLAGS={m['xla_flags'] or '(none)'}.",
         f"- Load average (1/5/15 min) at start {load(m['load_average_start'])}, at end "
         f"{load(m.get('load_average_end'))}: above the core count means other processes shared the CPUs.",
-        f"- Problem: sinusoid tasks (configs/sinusoid.py), MLP [{widths}] ({results['num_params']} "
+        f"- Problem: sinusoid tasks (configs/sinusoid_notebook.py), MLP [{widths}] ({results['num_params']} "
         f"parameters), {results['dtype']}, lambda {s['l2reg']}, inner L-BFGS maxiter {s['inner_maxiter']}, "
         f"tol {s['inner_tol']:g}, {s['linesearch']} line search.",
         f"- Times: median [min–max] of up to {s['reps']} calls after 1 warm-up call (at least 2, and no more "

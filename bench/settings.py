@@ -19,7 +19,7 @@ from trainer import train_step as train_step_lib
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Sizes of every section. The inner problem is configs/sinusoid.py's unless overridden here."""
+    """Sizes of every section. The inner problem is configs/sinusoid_notebook.py's unless overridden here."""
 
     hidden_sizes: tuple[int, ...] = (20, 20, 20)  # The notebook's MLP [20, 20, 20, 1].
     l2reg: float = 1.0
@@ -84,7 +84,8 @@ QUICK = Settings(
 
 
 def make_config(settings: Settings, **overrides: Any) -> ml_collections.ConfigDict:
-    """configs/sinusoid.py with the benchmark's model and inner problem, on one device unless overridden.
+    """configs/sinusoid_notebook.py (trainer/config.py's defaults) with the benchmark's model and inner
+    problem, on one device unless overridden.
 
     `overrides` are dotted field names with `__` for the dot, e.g. `train__meta_batch_size=16`.
     """

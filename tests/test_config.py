@@ -48,7 +48,14 @@ def test_batch_not_divisible_by_devices_names_both_numbers_and_valid_sizes():
 
 
 @pytest.mark.parametrize(
-    "path", ["configs/sinusoid.py", "configs/notebook.py", "configs/smoke.py", "configs/sinusoid_finn.py"]
+    "path",
+    [
+        "configs/sinusoid.py",
+        "configs/sinusoid_notebook.py",
+        "configs/notebook.py",
+        "configs/smoke.py",
+        "configs/sinusoid_finn.py",
+    ],
 )
 def test_shipped_configs_are_valid(path):
     import importlib.util

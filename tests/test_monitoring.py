@@ -135,8 +135,10 @@ def test_evaluate_on_the_trained_run_reproduces_its_last_evaluation(trained):
     assert all(matplotlib.image.imread(p)[..., :3].std() > 0.05 for p in record["figures"])
 
 
-def test_planted_nan_stops_the_run_naming_step_and_quantity(tmp_path, monkeypatch):
-    """NaN support targets in one task of step 3 flow through the real jitted step and stop the run."""
+@pytest.mark.parametrize("policy", ["unusable", "none"])
+def test_planted_nan_is_dropped_or_stops_the_run_naming_step_and_quantity(tmp_path, monkeypatch, policy):
+    """NaN support targets in one task of step 3 flow through the real jitted step: by default the task is
+    dropped (counted, the run goes on); with meta_grad.drop_tasks=none they stop the run."""
     make_backend = parallel.make_backend
 
     def backend_with_nan(*args, **kwargs):
@@ -153,11 +155,20 @@ def test_planted_nan_stops_the_run_naming_step_and_quantity(tmp_path, monkeypatc
         return backend
 
     monkeypatch.setattr(parallel, "make_backend", backend_with_nan)
-    config = helpers.small_config(**{"train.num_steps": NUM_STEPS, "eval.every_steps": 0})
-    with pytest.raises(train.NonFiniteError, match=r"^step 3: query_loss is nan; 1 of 8 tasks diverged"):
-        train.train_and_evaluate(config, str(tmp_path))
+    config = helpers.small_config(
+        **{"train.num_steps": NUM_STEPS, "eval.every_steps": 0, "meta_grad.drop_tasks": policy}
+    )
+    if policy == "none":
+        with pytest.raises(
+            train.NonFiniteError, match=r"^step 3: support_loss is nan; 1 of 8 tasks diverged"
+        ):
+            train.train_and_evaluate(config, str(tmp_path))
+    else:
+        result = train.train_and_evaluate(config, str(tmp_path))
+        assert [int(h["inner_dropped_tasks"]) for h in result.history][2] >= 1
+        assert int(result.history[2]["inner_diverged_tasks"]) == 1
     logged_steps = [r["step"] for r in monitoring.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))]
-    assert logged_steps == [1, 2]
+    assert logged_steps == ([1, 2] if policy == "none" else list(range(1, NUM_STEPS + 1)))
 
 
 def test_check_finite_names_the_bad_quantity(small_config):

@@ -1,7 +1,9 @@
 """End to end: the CLI writes metrics.jsonl, and a short run actually meta-learns."""
 
 import json
+import time
 
+import jax
 import numpy as np
 
 from tests import helpers
@@ -58,3 +60,46 @@ def test_short_run_meta_learns(tmp_path):
     assert after["eval/adapted_mse"] < after["eval/scratch_prox_mse"]
     losses = np.array([h["query_loss"] for h in result.history])
     assert losses[-10:].mean() < losses[:10].mean()
+
+
+def test_step_clock_counts_each_step_once(monkeypatch):
+    """Steps dispatched ahead overlap on the host's clock, not on the device: each is counted from when the
+    previous one finished (or from its dispatch, after a pause)."""
+    now = iter([1.0, 2.0, 6.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(now))
+    clock = train.StepClock()
+    assert clock.finished(dispatched=0.0) == 1.0  # dispatched at 0, ready at 1
+    assert clock.finished(dispatched=0.1) == 1.0  # dispatched while the first ran: starts at 1, ready at 2
+    assert clock.finished(dispatched=5.0) == 1.0  # dispatched after a pause (evaluation): from 5 to 6
+
+
+def test_logged_step_times_add_up_to_the_loop_time(tmp_path, monkeypatch):
+    """Each step takes >= 0.3 s (a sleep after it finishes); the logged times must add up to the time the
+    steps took, not to twice it (a clock that spans two steps)."""
+    spans = []
+    real = train.executables.train_step_for_run
+
+    def slowed(*args, **kwargs):
+        step, source, seconds = real(*args, **kwargs)
+
+        def slow_step(state, batch):
+            started = time.perf_counter()
+            out = jax.block_until_ready(step(state, batch))
+            time.sleep(0.3)
+            spans.append((started, time.perf_counter()))
+            return out
+
+        return slow_step, source, seconds
+
+    monkeypatch.setattr(train.executables, "train_step_for_run", slowed)
+    config = helpers.small_config(
+        **{"train.num_steps": 8, "checkpoint.every_steps": 0, "logging.every_steps": 1, "eval.num_tasks": 4}
+    )
+    result = train.train_and_evaluate(config, str(tmp_path / "w"))
+    step_times = [float(h["step_time_s"]) for h in result.history]
+    loop_time = spans[-1][1] - spans[0][0]
+    print(f"sum of logged step times {sum(step_times):.3f} s; the steps took {loop_time:.3f} s")
+    assert len(step_times) == 8 and min(step_times) > 0
+    assert 8 * 0.3 <= sum(step_times) <= loop_time + 0.05
+    records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step_time_s"] for r in records] == step_times

@@ -15,6 +15,8 @@ from typing import Any
 import ml_collections
 
 ESTIMATORS = ("implicit", "unrolled", "first_order")
+INNER_SOLVERS = ("lbfgs", "gd")
+DROP_POLICIES = ("unusable", "nonfinite", "none")
 LINEAR_SOLVERS = ("cg", "bicgstab", "gmres", "normal_cg")
 LINESEARCHES = ("zoom", "backtracking", "hager-zhang")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -86,7 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.tasks.rotate = True  # Rotate each class of a task by a random multiple of 90 degrees (train and test).
 
     c.inner = ml_collections.ConfigDict()
-    c.inner.solver = "lbfgs"  # Inner solver; see trainer/inner_solver.py.
+    # Inner solver, one of INNER_SOLVERS (trainer/inner_solver.py): "lbfgs", safeguarded L-BFGS with a line
+    # search (stops at tol); "gd", iMAML-GD's fixed-step gradient descent (maxiter steps of gd_stepsize).
+    c.inner.solver = "lbfgs"
     c.inner.l2reg = 1.0  # lambda of the proximal term (lambda/2)||x - theta||^2; > 0 for implicit gradients.
     c.inner.maxiter = 500  # Iteration cap of the inner solver.
     c.inner.tol = 1e-8  # Stop when ||grad L_support(x) + lambda (x - theta)|| <= tol.
@@ -94,15 +98,24 @@ def default_config() -> ml_collections.ConfigDict:
     c.inner.linesearch = "zoom"  # LBFGS line search, one of LINESEARCHES.
     c.inner.maxls = 15  # Maximum line-search steps per LBFGS iteration.
     c.inner.unrolled_stepsize = 0.005  # Step of the unrolled gradient-descent solver (estimator=unrolled).
+    c.inner.gd_stepsize = 0.1  # Step of the "gd" inner solver.
 
     c.meta_grad = ml_collections.ConfigDict()
     c.meta_grad.estimator = "implicit"  # One of ESTIMATORS.
     # Linear solver for (Hessian of L_support at x* + lambda I) v = g; the matrix is SPD, so CG.
     c.meta_grad.linear_solver = "cg"
     c.meta_grad.solver_maxiter = 200  # Iteration cap of that linear solve.
-    c.meta_grad.solver_tol = (
-        1e-10  # Its tolerance (jaxopt's default 1e-5 gave 68% error in our measurements).
-    )
+    c.meta_grad.solver_tol = 1e-10  # Its tolerance (jaxopt's default, 1e-5, is far too loose: PITFALLS.md).
+    # Tasks left out of a step's meta-gradient mean, one of DROP_POLICIES: "unusable" drops a task whose
+    # inner solve returned a non-finite value or a residual above drop_residual_factor * inner.tol (its
+    # implicit gradient is not a gradient); "nonfinite" drops only NaN/inf tasks; "none" keeps every task
+    # (a NaN then stops the run). The mean is over the kept tasks of the whole meta-batch.
+    c.meta_grad.drop_tasks = "unusable"
+    c.meta_grad.drop_residual_factor = 1e3
+    # The run stops when every task of a step is dropped, or when more than max_dropped_fraction of the tasks
+    # are dropped in each of max_dropped_steps consecutive steps.
+    c.meta_grad.max_dropped_fraction = 0.5
+    c.meta_grad.max_dropped_steps = 10
 
     c.outer = ml_collections.ConfigDict()
     c.outer.optimizer = "adam"  # One of OPTIMIZERS.
@@ -172,6 +185,9 @@ def omniglot_config(num_ways: int, num_shots: int) -> ml_collections.ConfigDict:
     c.meta_grad.linear_solver = "cg"
     c.meta_grad.solver_maxiter = 5  # The paper's 5 CG steps (tol below float32 roundoff: always 5 steps).
     c.meta_grad.solver_tol = 1e-10
+    # A fixed budget of 16 iterations rarely reaches tol (nor do the paper's fixed gradient steps): only
+    # non-finite tasks are dropped.
+    c.meta_grad.drop_tasks = "nonfinite"
     c.outer.optimizer = "adam"
     c.outer.learning_rate = 1e-3
     c.train.num_steps = 20000  # The paper's code asks for at least 20,000 meta-steps.
@@ -264,7 +280,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "tasks.num_train_classes": _int(1),
     "tasks.num_test_classes": _int(0),
     "tasks.rotate": _bool,
-    "inner.solver": _choice(("lbfgs",)),
+    "inner.solver": _choice(INNER_SOLVERS),
     "inner.l2reg": _positive,
     "inner.maxiter": _int(1),
     "inner.tol": _positive,
@@ -272,10 +288,17 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "inner.linesearch": _choice(LINESEARCHES),
     "inner.maxls": _int(1),
     "inner.unrolled_stepsize": _positive,
+    "inner.gd_stepsize": _positive,
     "meta_grad.estimator": _choice(ESTIMATORS),
     "meta_grad.linear_solver": _choice(LINEAR_SOLVERS),
     "meta_grad.solver_maxiter": _int(1),
     "meta_grad.solver_tol": _positive,
+    "meta_grad.drop_tasks": _choice(DROP_POLICIES),
+    "meta_grad.drop_residual_factor": _positive,
+    "meta_grad.max_dropped_fraction": lambda v: (
+        _non_negative(v) or (None if v <= 1 else "a number in [0, 1]")
+    ),
+    "meta_grad.max_dropped_steps": _int(1),
     "outer.optimizer": _choice(OPTIMIZERS),
     "outer.learning_rate": _positive,
     "outer.schedule": _choice(SCHEDULES),
@@ -413,8 +436,14 @@ def check_device_count(config: ml_collections.ConfigDict, num_devices: int) -> N
         raise ConfigError("tasks.num_fixed_train_tasks must be >= train.meta_batch_size")
 
 
-# Where the data come from does not change them (every source is checked to give the same arrays).
-_NOT_MATHS = ("tasks.data_dir", "tasks.cache_dir")
+# Where the data come from does not change them (every source is checked to give the same arrays); when a
+# run stops for dropped tasks is decided on the host and does not change any update.
+_NOT_MATHS = (
+    "tasks.data_dir",
+    "tasks.cache_dir",
+    "meta_grad.max_dropped_fraction",
+    "meta_grad.max_dropped_steps",
+)
 
 
 def maths_fields() -> tuple[str, ...]:

@@ -68,6 +68,28 @@ def use_cpu_devices(count: int, environ: dict[str, str] | None = None) -> None:
     environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_cpu_devices(meta_batch_size: int, cores: int, environ: Mapping[str, str] | None = None) -> int:
+    """CPU devices for a run that did not ask for a number (`--cpu_devices=-1`): one per usable core.
+
+    The most devices <= `cores` that divide the meta-batch; 0 (JAX's default) where XLA_FLAGS already sets
+    a device count, or for a multi-process run (each process's devices are its own business there).
+    On a machine with accelerators the extra CPU devices are created but unused.
+    """
+    environ = os.environ if environ is None else environ
+    if "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
+        return 0
+    count = max((d for d in range(1, max(cores, 1) + 1) if meta_batch_size % d == 0), default=1)
+    return count if count > 1 else 0
+
+
 def detect_cluster() -> tuple[str | None, int | None]:
     """The cluster environment JAX's auto-detection would use, and its process count (None, None if none).
 

@@ -45,9 +45,10 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 )
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
-    0,
-    "On a machine without accelerators: expose this many CPU devices (e.g. one per core) so that the "
-    "meta-batch is sharded over the cores; 0 keeps JAX's single CPU device.",
+    -1,
+    "On a machine without accelerators: expose this many CPU devices so that the meta-batch is sharded over "
+    "the cores; -1 (default): one per usable core, as many as divide train.meta_batch_size, in a "
+    "single-process run; 0 keeps JAX's single CPU device.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -67,7 +68,15 @@ def main(argv):
     from trainer import distributed
 
     try:  # Before anything touches JAX devices.
-        distributed.use_cpu_devices(_CPU_DEVICES.value)
+        settings = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        cpu_devices = _CPU_DEVICES.value
+        if cpu_devices == -1:
+            cpu_devices = (
+                0
+                if settings
+                else distributed.auto_cpu_devices(config.train.meta_batch_size, distributed.usable_cores())
+            )
+        distributed.use_cpu_devices(cpu_devices)
         distributed.initialize(
             _COORDINATOR.value,
             _NUM_PROCESSES.value,

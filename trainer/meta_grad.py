@@ -42,6 +42,10 @@ def make_inner_solver(
     linear_solve = None
     if differentiable and mg.estimator == "implicit":
         linear_solve = inner_lib.make_linear_solve(mg.linear_solver, mg.solver_tol, mg.solver_maxiter)
+    if inner.solver == "gd":
+        return inner_lib.GradientDescentSolver(
+            maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.gd_stepsize, linear_solve=linear_solve
+        )
     return inner_lib.LBFGSSolver(
         maxiter=inner.maxiter,
         tol=inner.tol,
@@ -83,6 +87,8 @@ def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -
             inner_iterations=stats.iterations.astype(jnp.float32),
             inner_residual=stats.residual,
             inner_converged=stats.converged.astype(jnp.float32),
+            inner_linesearch_failures=stats.linesearch_failures.astype(jnp.float32),
+            inner_evaluations=stats.evaluations.astype(jnp.float32),
         )
         for split, (x, y) in (("query", tasks_lib.query(task)), ("support", tasks_lib.support(task))):
             for name, value in family.task_metrics(model, inner_params, x, y).items():

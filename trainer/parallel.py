@@ -67,7 +67,10 @@ class _Backend:
         self.dtype = dtype
         self.num_traces = 0
         self._local_step = functools.partial(
-            train_step_lib.train_step, task_meta_grad=task_meta_grad, optimizer=optimizer
+            train_step_lib.train_step,
+            task_meta_grad=task_meta_grad,
+            optimizer=optimizer,
+            task_filter=train_step_lib.TaskFilter.from_config(config),
         )
 
     def _sample(self, data, task_key, step, task_indices):

@@ -71,6 +71,86 @@ def check_finite(step: int, metrics: dict[str, np.ndarray], config: ml_collectio
             )
 
 
+class UnusableStepsError(NonFiniteError):
+    """Too many tasks were left out of the meta-gradient (meta_grad.drop_tasks); the message says which."""
+
+
+class StepClock:
+    """Device time of consecutive steps from host timestamps.
+
+    A step starts when it is dispatched or when the previous step finished, whichever is later (the device
+    runs one step at a time), and ends when the host, waiting for it, sees its result. Steps dispatched
+    ahead of time are therefore not counted twice, and pauses between steps (evaluation, checkpoints)
+    are not counted at all.
+    """
+
+    def __init__(self):
+        self.last_ready = -float("inf")  # perf_counter time at which the last finished step was seen.
+
+    def finished(self, dispatched: float) -> float:
+        """Seconds of the step dispatched at `dispatched` (perf_counter), whose result is now on the host."""
+        ready = time.perf_counter()
+        elapsed = ready - max(dispatched, self.last_ready)
+        self.last_ready = ready
+        return elapsed
+
+
+class DropGuard:
+    """Stops a run whose steps lose their tasks (meta_grad.max_dropped_fraction, max_dropped_steps).
+
+    A step that drops every task stops the run at once; otherwise the run stops after max_dropped_steps
+    consecutive steps that each drop more than max_dropped_fraction of the meta-batch.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.batch_size = config.train.meta_batch_size
+        self.max_fraction = config.meta_grad.max_dropped_fraction
+        self.max_steps = config.meta_grad.max_dropped_steps
+        self.residual_limit = config.meta_grad.drop_residual_factor * config.inner.tol
+        self.policy = config.meta_grad.drop_tasks
+        self.streak = 0
+
+    def check(self, step: int, metrics: dict[str, np.ndarray]) -> str | None:
+        """Raises UnusableStepsError when the run must stop; returns a line to print when tasks were dropped."""
+        dropped = int(metrics["inner_dropped_tasks"])
+        self.streak = self.streak + 1 if dropped > self.max_fraction * self.batch_size else 0
+        if not dropped:
+            return None
+        why = (
+            f"{int(metrics['inner_diverged_tasks'])} non-finite, max inner residual "
+            f"{float(metrics['inner_residual_max']):.3g} (limit {self.residual_limit:.3g} with "
+            f"meta_grad.drop_tasks={self.policy!r})"
+        )
+        if dropped == self.batch_size:
+            raise UnusableStepsError(
+                f"step {step}: every one of the {dropped} tasks was dropped ({why}), so there is no meta-gradient; "
+                "the inner solves fail: raise inner.maxiter or inner.l2reg, lower outer.learning_rate, or "
+                "resume from an earlier checkpoint (--restore_step)"
+            )
+        if self.streak >= self.max_steps:
+            raise UnusableStepsError(
+                f"step {step}: more than {self.max_fraction:.0%} of the {self.batch_size} tasks were dropped in "
+                f"each of the last {self.streak} steps (meta_grad.max_dropped_fraction, max_dropped_steps); "
+                f"this step: {dropped} ({why}). Raise inner.maxiter or inner.l2reg, or lower "
+                "outer.learning_rate"
+            )
+        return f"step {step}: dropped {dropped} of {self.batch_size} tasks from the meta-gradient ({why})"
+
+
+def format_step(step: int, metrics: dict[str, np.ndarray]) -> str:
+    """The terminal line of a logged step."""
+    line = (
+        f"step {step}: query_loss {float(metrics['query_loss']):.5g} support_loss "
+        f"{float(metrics['support_loss']):.3g} grad_norm {float(metrics['grad_norm']):.3g} "
+        f"inner_iters mean {float(metrics['inner_iterations_mean']):.0f} max "
+        f"{float(metrics['inner_iterations_max']):.0f} converged {float(metrics['inner_converged_fraction']):.2f} "
+        f"dropped {int(metrics['inner_dropped_tasks'])}"
+    )
+    if "query_accuracy" in metrics:
+        line += f" query_accuracy {float(metrics['query_accuracy']):.3f}"
+    return line + f" ({float(metrics['step_time_s']):.3f} s)"
+
+
 def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
@@ -149,43 +229,34 @@ def _train_and_evaluate(
     last = config.train.num_steps
     history: list[dict[str, Any]] = []
     eval_summary: dict[str, float] = {}
-    pending = None  # (step number after the update, device metrics, dispatch time)
-    compile_time = None
+    clock = StepClock()
+    drops = DropGuard(config)
 
-    def finish(
-        done_step: int, device_metrics, started: float, extra: dict | None = None, ended: float | None = None
-    ) -> None:
-        """Pulls a finished step's metrics to the host, checks them, and logs them when due."""
-        nonlocal compile_time
+    def pull(done_step: int, device_metrics, dispatched: float) -> dict[str, np.ndarray]:
+        """Waits for a dispatched step, times it, and checks its metrics (NaN/inf, dropped tasks)."""
         metrics = backend.metrics_to_host(device_metrics)
-        elapsed = (ended or time.perf_counter()) - started
+        elapsed = clock.finished(dispatched)
         check_finite(done_step, metrics, config)
+        dropped_message = drops.check(done_step, metrics)
+        if dropped_message:
+            writer.log(dropped_message)
         metrics["learning_rate"] = np.asarray(schedule(done_step - 1))
         metrics["step_time_s"] = np.asarray(elapsed)
         metrics["tasks_per_s"] = np.asarray(config.train.meta_batch_size / max(elapsed, 1e-9))
-        if compile_time is None:
-            compile_time = elapsed
-            metrics["first_step_time_s"] = np.asarray(compile_time)
+        if done_step == start_step + 1:  # What the user waited for the first step: compile included.
+            metrics["first_step_time_s"] = np.asarray(clock.last_ready - started)
             metrics["compile_time_s"] = np.asarray(compile_timer.seconds)
+        return metrics
+
+    def record(done_step: int, metrics: dict[str, np.ndarray], extra: dict | None = None) -> None:
+        """Adds a pulled step to the history and writes it when due (always with evaluation results)."""
         history.append({"step": done_step, **metrics})
         writer.progress(done_step, float(metrics["query_loss"]))
         if extra or _due(done_step, config.logging.every_steps, last) or done_step == start_step + 1:
             writer.write(done_step, {**metrics, **(extra or {})})
-            writer.log(
-                f"step {done_step}: query_loss {float(metrics['query_loss']):.5g} support_loss "
-                f"{float(metrics['support_loss']):.3g} grad_norm {float(metrics['grad_norm']):.3g} "
-                f"inner_iters mean {float(metrics['inner_iterations_mean']):.0f} max "
-                f"{float(metrics['inner_iterations_max']):.0f} converged "
-                f"{float(metrics['inner_converged_fraction']):.2f}"
-                + (
-                    f" query_accuracy {float(metrics['query_accuracy']):.3f}"
-                    if "query_accuracy" in metrics
-                    else ""
-                )
-                + f" ({elapsed:.3f} s)"
-            )
+            writer.log(format_step(done_step, metrics))
 
-    step_started = time.perf_counter()
+    started = time.perf_counter()
     compile_timer = cleanup.enter_context(monitoring.CompileTimer())  # Stopped after the first dispatch.
     train_step = backend.step
     if start_step < last:  # The step's executable saved by an earlier run, or compiled now and saved.
@@ -195,51 +266,48 @@ def _train_and_evaluate(
         if source == "loaded":  # No JAX compile event reports a loaded executable.
             compile_timer.record(seconds)
     preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
+    pending = None  # (step number after the update, device metrics, dispatch time) of the step in flight.
     for step in range(start_step, last):
         if preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
             if pending is not None:
-                finish(*pending)
+                record(pending[0], pull(*pending))
             checkpointer.save(step, backend.host_state(state))
             checkpointer.wait()
             writer.close()
             raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory)
         done_step = step + 1
         task_batch = backend.sample_tasks(task_key, step)
-        state, device_metrics = train_step(state, task_batch)  # Dispatched; runs while we log step N-1.
+        dispatched = time.perf_counter()
+        state, device_metrics = train_step(state, task_batch)  # Runs while we process step N-1.
         compile_timer.stop()
         if pending is not None:
-            finish(*pending)
-        now = time.perf_counter()
-        pending = (done_step, device_metrics, step_started)
-        step_started = now
+            record(pending[0], pull(*pending))
+        pending = (done_step, device_metrics, dispatched)
         eval_due = _due(done_step, config.eval.every_steps, last)
         ckpt_due = _due(done_step, config.checkpoint.every_steps, last)
-        if eval_due or ckpt_due:
-            host_state = backend.host_state(state)  # Waits for this step.
-            step_ended = time.perf_counter()  # Its step time excludes the checkpoint and evaluation below.
-            check_finite(done_step, backend.metrics_to_host(device_metrics), config)
-            extra = None
-            if eval_due:
-                eval_started = time.perf_counter()
-                eval_summary, eval_outputs = evaluator(host_state.meta_params)
-                extra = {**eval_summary, "eval_time_s": time.perf_counter() - eval_started}
-            finish(*pending, extra=extra, ended=step_ended)
-            if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
-                checkpointer.save(done_step, host_state)
-            if eval_due:
-                writer.log(evaluation.format_summary(done_step, eval_summary))
-                if writer.enabled:  # Training curves; predictions too when the family kept its outputs.
-                    series = {name: writer.series(history, name) for name in ("grad_norm", "query_loss")}
-                    writer.write_figures(
-                        done_step,
-                        figures.evaluation_figures(
-                            model, config, host_state.meta_params, eval_outputs, series
-                        ),
-                    )
-            pending = None
-            step_started = time.perf_counter()
+        if not (eval_due or ckpt_due):
+            continue
+        metrics = pull(*pending)  # Finish this step before evaluating or saving it.
+        pending = None
+        host_state = backend.host_state(state)
+        extra = None
+        if eval_due:
+            eval_started = time.perf_counter()
+            eval_summary, eval_outputs = evaluator(host_state.meta_params)
+            extra = {**eval_summary, "eval_time_s": time.perf_counter() - eval_started}
+        record(done_step, metrics, extra)
+        if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
+            checkpointer.save(done_step, host_state)
+        if eval_due:
+            writer.log(evaluation.format_summary(done_step, eval_summary))
+            if writer.enabled:  # Training curves; predictions too when the family kept its outputs.
+                series = {name: writer.series(history, name) for name in ("grad_norm", "query_loss")}
+                writer.write_figures(
+                    done_step,
+                    figures.evaluation_figures(model, config, host_state.meta_params, eval_outputs, series),
+                )
     if pending is not None:
-        finish(*pending)
+        record(pending[0], pull(*pending))
     host_state = backend.host_state(state)
     checkpointer.close()
     if eval_summary:

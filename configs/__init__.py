@@ -1,0 +1,1 @@
+"""Experiment configs: `python -m trainer.main --config=configs/<name>.py`; importable as `configs.<name>`."""
