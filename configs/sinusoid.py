@@ -4,7 +4,7 @@ about 2 minutes on a 2-core CPU.
 Tasks y = amplitude * sin(x + phase), amplitude in [0.1, 5], phase in [0, pi], x in [-5, 5], K = 10 support
 and 10 query points (MAML, section 5.1); an MLP with two hidden layers of 40 swish units (implicit
 differentiation needs a twice-differentiable inner loss); lambda = 10 (the sweep in RESULTS.md); L-BFGS to
-tol 1e-5 (at most 100 iterations); 32 tasks per meta-step; 3000 meta-steps.
+tol 1e-5 (at most 100 iterations); 32 tasks per meta-step; 1000 meta-steps.
 
 Run:  make train   (= python -m trainer.main --config=configs/sinusoid.py --workdir=runs/sinusoid)
 Result: see README ("What `make train` shows") and RESULTS.md. configs/sinusoid_finn.py trains the same
@@ -29,9 +29,9 @@ def get_config():
     c.inner.maxiter = 100
     c.inner.tol = 1e-5
     c.meta_grad.solver_tol = 1e-8
-    c.train.num_steps = 3000
+    c.train.num_steps = 1000
     c.train.meta_batch_size = 32
-    c.eval.every_steps = 1000
+    c.eval.every_steps = 500
     c.eval.num_tasks = 500
     c.logging.every_steps = 100
     c.checkpoint.every_steps = 500
