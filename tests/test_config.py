@@ -72,8 +72,29 @@ def test_cli_rejects_unknown_key_before_any_work(tmp_path):
     proc = helpers.run_cli(
         ["--config=configs/smoke.py", f"--workdir={tmp_path}/w", "--config.inner.not_a_field=1"]
     )
-    assert proc.returncode != 0
-    assert "not_a_field" in proc.stderr
+    assert proc.returncode == 2
+    assert "unknown config field 'inner.not_a_field'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("case", ["missing file", "syntax error", "wrong type", "no workdir"])
+def test_cli_input_errors_are_one_line_with_status_2(tmp_path, case):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    args = {
+        "missing file": ["--config=configs/no_such_config.py", f"--workdir={tmp_path}/w"],
+        "syntax error": [f"--config={broken}", f"--workdir={tmp_path}/w"],
+        "wrong type": [
+            "--config=configs/smoke.py",
+            f"--workdir={tmp_path}/w",
+            "--config.train.num_steps=abc",
+        ],
+        "no workdir": ["--config=configs/smoke.py"],
+    }[case]
+    proc = helpers.run_cli(args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "w").exists()
 
 

@@ -27,6 +27,7 @@ ACTIVATIONS = ("swish", "relu", "tanh", "gelu")
 DTYPES = ("float32", "float64")
 FAMILIES = ("sinusoid", "omniglot")
 NORMALIZATIONS = ("layer", "batch", "none")
+CONV_IMPLEMENTATIONS = ("xla", "patches")
 SPLITS = ("random", "background")
 
 
@@ -51,6 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
     # conv_width filters, stride 2; normalization; activation], spatial mean, linear head of num_ways logits.
     c.model.conv_width = 64  # Filters per conv block.
     c.model.conv_blocks = 4  # Number of conv blocks.
+    # The convolutions' implementation, one of CONV_IMPLEMENTATIONS (the same maths and parameters): "xla",
+    # flax's nn.Conv (XLA's convolution); "patches", image patches times the kernel as one matmul.
+    c.model.conv_impl = "xla"
     # One of NORMALIZATIONS. "layer": per-image statistics (over height, width, channels), so an image's
     # output does not depend on the rest of the batch; "batch": statistics of the current batch only (MAML's
     # transductive batch norm, no running averages); "none". Running statistics would make the inner argmin
@@ -258,6 +262,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.dtype": _choice(DTYPES),
     "model.conv_width": _int(1),
     "model.conv_blocks": _int(1),
+    "model.conv_impl": _choice(CONV_IMPLEMENTATIONS),
     "model.normalization": _choice(NORMALIZATIONS),
     "tasks.family": _choice(FAMILIES),
     "tasks.amplitude_min": _finite,

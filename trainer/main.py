@@ -3,7 +3,8 @@
 Kept short on purpose: it parses flags, validates the config and calls `train.train_and_evaluate`.
 Config fields are overridden with `--config.<group>.<field>=value`.
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
-Exit status: 0 done; 1 error; 2 invalid config; 75 stopped by SIGTERM/SIGINT after saving a checkpoint.
+Exit status: 0 done; 1 error; 2 invalid config or flags (one line on stderr); 75 stopped by SIGTERM/SIGINT
+after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -110,8 +111,52 @@ def main(argv):
     return 0
 
 
+def _missing_config_file(argv: list[str]) -> str | None:
+    """An error message when --config names no file (ml_collections reports it only later, as a traceback)."""
+    import os
+
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg[len("--config=") :].split(":", 1)[0]
+            if not os.path.isfile(path):
+                return f"--config={path}: no such file (run from the repository root, or give its full path)"
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.<field>=...` naming no config field, as an error message (None if all are known)."""
+    from trainer import config as config_lib
+
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        name = arg[len("--config.") :].split("=", 1)[0]
+        if name not in config_lib.RULES:
+            group = name.rpartition(".")[0]
+            known = sorted(f for f in config_lib.RULES if f.rpartition(".")[0] == group) or sorted(
+                config_lib.RULES
+            )
+            return f"unknown config field '{name}' (from {arg.split('=', 1)[0]}); known fields: {known}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every user error as one line on stderr and exit status 2 (no traceback):
+    an unknown config field, a value of the wrong type, a missing or broken config file, a missing flag."""
+    message = _missing_config_file(argv) or _unknown_override(argv)
+    if message is None:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            message = str(e)
+        except Exception as e:  # Raised while loading the config file: missing, syntax error, bad code.
+            message = f"cannot load the config file (--config): {type(e).__name__}: {e}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

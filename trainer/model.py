@@ -36,6 +36,46 @@ class MLP(nn.Module):
         return x_BxD
 
 
+class PatchConv(nn.Module):
+    """A 2-D convolution as image patches times a weight matrix: `nn.Conv`'s maths, parameters and init.
+
+    `jax.lax.conv_general_dilated_patches` gathers each output position's receptive field ([C, kh, kw]
+    ordered channels), and one matmul with the kernel reshaped to [C * kh * kw, features] gives the output.
+    The parameters are nn.Conv's (`kernel` [kh, kw, C, features], `bias` [features], same initialisers), so
+    either implementation reads the other's checkpoints.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: int = 1
+    padding: str = "SAME"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        channels = x_BxHxWxC.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.kernel_size, channels, self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        patches = jax.lax.conv_general_dilated_patches(
+            x_BxHxWxC.astype(self.dtype),
+            filter_shape=self.kernel_size,
+            window_strides=(self.strides, self.strides),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        weights = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features).astype(self.dtype)
+        return patches @ weights + bias.astype(self.dtype)
+
+
+CONV_IMPLEMENTATIONS = {"xla": nn.Conv, "patches": PatchConv}
+
+
 class ConvNet(nn.Module):
     """The MAML/iMAML few-shot classifier: `num_blocks` x [3x3 conv, stride 2; normalization; activation],
     the mean over the remaining spatial positions, then a linear head of `num_classes` logits.
@@ -47,6 +87,7 @@ class ConvNet(nn.Module):
       "batch"  statistics over the current batch and spatial positions, without running averages (MAML's
                transductive batch norm: predictions depend on the batch they are made in);
       "none"   no normalization.
+    `conv` picks the convolution's implementation (CONV_IMPLEMENTATIONS; the same maths and parameters).
     """
 
     num_classes: int
@@ -56,6 +97,7 @@ class ConvNet(nn.Module):
     activation: str = "relu"
     image_size: int = 28
     dtype: Any = jnp.float32
+    conv: str = "xla"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -66,7 +108,7 @@ class ConvNet(nn.Module):
         act = ACTIVATIONS[self.activation]
         x = x_BxHxWxC
         for i in range(self.num_blocks):
-            x = nn.Conv(
+            x = CONV_IMPLEMENTATIONS[self.conv](
                 self.width,
                 (3, 3),
                 strides=2,
@@ -106,6 +148,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
             activation=config.model.activation,
             image_size=config.tasks.image_size,
             dtype=dtype_of(config),
+            conv=config.model.conv_impl,
         )
     return MLP(
         features=tuple(config.model.hidden_sizes) + (1,),

@@ -1,0 +1,179 @@
+"""The Omniglot meta-step: seconds per step, inner evaluations per task and achieved GFLOP/s, per inner solver,
+convolution implementation and task mapping, measured in one process (ratios within one run).
+
+    python -m bench.omniglot                      # the paper setting: 5-way 1-shot, 4 x 64 conv, 32 tasks
+    python -m bench.omniglot --width 32 --meta-batch 16
+    python -m bench.omniglot --variants lbfgs/xla/map,gd/patches/map --steps 3
+
+Images are random (the step's cost does not depend on them), so no data set is needed. The step is the
+trainer's own (parallel.make_backend, shard_map over `--devices` CPU devices, one per usable core by
+default). FLOPs are counted by XLA's cost analysis of loop-free pieces: one evaluation of the support loss
+with its gradient (an inner iteration costs one or more: `inner/evaluations_mean` counts them), one
+Hessian-vector product (one per CG step), the query gradient; a while loop's body would be counted once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    _cores = len(os.sched_getaffinity(0))
+    _devices = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--devices=")), _cores)
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_devices}"
+    ).strip()
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+from trainer import meta_grad as meta_grad_lib  # noqa: E402
+from trainer import model as model_lib  # noqa: E402
+from trainer import optim, parallel  # noqa: E402
+from trainer import tasks as tasks_lib  # noqa: E402
+from trainer import train_step as train_step_lib  # noqa: E402
+
+DEFAULT_VARIANTS = ("lbfgs/xla/map", "gd/xla/map", "lbfgs/patches/map", "gd/patches/map", "gd/patches/vmap")
+
+
+def make_config(width: int, meta_batch: int, solver: str, conv: str, mapping: str, devices: int):
+    c = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    return config_lib.with_fields(
+        c,
+        {
+            "model.conv_width": width,
+            "model.conv_impl": conv,
+            "inner.solver": solver,
+            "train.meta_batch_size": meta_batch,
+            "parallel.task_mapping": mapping,
+            "parallel.num_devices": devices,
+        },
+    )
+
+
+def _synthetic_data(config, rng):
+    t = config.tasks
+    shape = (t.num_train_classes, config_lib.OMNIGLOT_DRAWERS, t.image_size, t.image_size)
+    return {
+        "images": rng.integers(0, 256, shape, dtype=np.uint8),
+        "ids": np.arange(1, shape[0] + 1, dtype=np.int32),
+    }
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def piece_flops(config, model, theta, task) -> dict[str, float]:
+    """FLOPs of one support-loss evaluation with gradient, one Hessian-vector product, one query gradient."""
+    family_loss = model_lib.cross_entropy_loss
+    support, query = tasks_lib.support(task), tasks_lib.query(task)
+    lam = config.inner.l2reg
+    objective = lambda x: (
+        family_loss(model, x, *support)
+        + 0.5
+        * lam
+        * sum(jnp.vdot(a - b, a - b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(theta), strict=True))
+    )
+    hvp = lambda x, v: jax.jvp(jax.grad(objective), (x,), (v,))[1]
+    return {
+        "evaluation": _flops(jax.value_and_grad(objective), theta),
+        "hvp": _flops(hvp, theta, theta),
+        "query_grad": _flops(jax.grad(lambda x: family_loss(model, x, *query)), theta),
+    }
+
+
+def measure(config, steps: int, log) -> dict:
+    model = model_lib.make_model(config)
+    keys = tasks_lib.split_keys(config.seed)
+    optimizer, _ = optim.make_optimizer(config)
+    data = _synthetic_data(config, np.random.default_rng(0))
+    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model)
+    backend = parallel.make_backend(config, task_meta_grad, optimizer, jnp.float32, data=data)
+    theta = model_lib.init_params(model, keys["init"])
+    host = jax.tree.map(np.asarray, train_step_lib.create_train_state(theta, optimizer, keys["train"]))
+    state = backend.put_state(host)
+    task_key = jnp.asarray(host.task_key)
+    started = time.perf_counter()
+    state, metrics = backend.step(state, backend.sample_tasks(task_key, 0))
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - started
+    times, evaluations, iterations = [], [], []
+    for step in range(1, steps + 1):
+        batch = jax.block_until_ready(backend.sample_tasks(task_key, step))
+        started = time.perf_counter()
+        state, metrics = backend.step(state, batch)
+        metrics = backend.metrics_to_host(metrics)
+        times.append(time.perf_counter() - started)
+        evaluations.append(float(metrics["inner_evaluations_mean"]))
+        iterations.append(float(metrics["inner_iterations_mean"]))
+    one_task = jax.tree.map(lambda a: np.asarray(a)[0], backend.sample_tasks(task_key, 0))
+    flops = piece_flops(config, model, theta, one_task)
+    evals = float(np.mean(evaluations))
+    cg = config.meta_grad.solver_maxiter
+    step_flops = config.train.meta_batch_size * (
+        evals * flops["evaluation"] + cg * flops["hvp"] + flops["query_grad"]
+    )
+    seconds = float(np.median(times))
+    return {
+        "step_s": seconds,
+        "step_s_min": float(np.min(times)),
+        "step_s_max": float(np.max(times)),
+        "first_call_s": compile_s,
+        "inner_iterations": float(np.mean(iterations)),
+        "evaluations_per_task": evals,
+        "gflop_per_step": step_flops / 1e9,
+        "gflops": step_flops / 1e9 / seconds,
+        "flops": flops,
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench.omniglot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--devices", type=int, default=len(jax.devices()))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) call")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="solver/conv/mapping,...")
+    args = parser.parse_args(argv)
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    rows = []
+    for variant in args.variants.split(","):
+        solver, conv, mapping = variant.split("/")
+        config = make_config(args.width, args.meta_batch, solver, conv, mapping, args.devices)
+        log(f"omniglot bench: {variant} ...")
+        row = {"variant": variant, **measure(config, args.steps, log)}
+        log(
+            f"  {row['step_s']:.3f} s/step, {row['evaluations_per_task']:.1f} evaluations/task, {row['gflops']:.1f} GFLOP/s"
+        )
+        rows.append(row)
+    base = rows[0]["step_s"]
+    print(
+        f"Omniglot 5-way 1-shot meta-step, conv width {args.width}, {args.meta_batch} tasks, "
+        f"{args.devices} CPU device(s), jax {jax.__version__}; median of {args.steps} steps\n"
+    )
+    print(
+        "| solver/conv/mapping | s/step [min-max] | vs first | first call s | inner it. | evaluations/task | GFLOP/step | GFLOP/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['step_s']:.3f} [{r['step_s_min']:.3f}-{r['step_s_max']:.3f}] | "
+            f"{base / r['step_s']:.2f}x | {r['first_call_s']:.1f} | {r['inner_iterations']:.1f} | "
+            f"{r['evaluations_per_task']:.1f} | {r['gflop_per_step']:.1f} | {r['gflops']:.1f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
