@@ -7,7 +7,7 @@ WORKDIR ?= runs/sinusoid
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train evaluate test test-fast lint format bench bench-quick tensorboard clean
+.PHONY: install train evaluate test test-fast lint format bench bench-omniglot bench-quick tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed  ## Benchmarks: writes a table to stdout and bench/results/.
 	$(PY) -m bench.run $(ARGS)
+
+bench-omniglot: $(VENV)/.installed  ## The Omniglot meta-step per inner solver, convolution and task mapping.
+	$(PY) -m bench.omniglot $(ARGS)
 
 bench-quick: $(VENV)/.installed
 	$(PY) -m bench.run --quick $(ARGS)

@@ -7,7 +7,8 @@ convolution implementation and task mapping, measured in one process (ratios wit
 
 Images are random (the step's cost does not depend on them), so no data set is needed. The step is the
 trainer's own (parallel.make_backend, shard_map over `--devices` CPU devices, one per usable core by
-default). FLOPs are counted by XLA's cost analysis of loop-free pieces: one evaluation of the support loss
+default). FLOPs are counted by XLA's cost analysis of loop-free pieces of the model with XLA's convolution
+(the same count for every variant): one evaluation of the support loss
 with its gradient (an inner iteration costs one or more: `inner/evaluations_mean` counts them), one
 Hessian-vector product (one per CG step), the query gradient; a while loop's body would be counted once.
 """
@@ -118,7 +119,9 @@ def measure(config, steps: int, log) -> dict:
         evaluations.append(float(metrics["inner_evaluations_mean"]))
         iterations.append(float(metrics["inner_iterations_mean"]))
     one_task = jax.tree.map(lambda a: np.asarray(a)[0], backend.sample_tasks(task_key, 0))
-    flops = piece_flops(config, model, theta, one_task)
+    # The maths' FLOPs, the same for every variant: counted on XLA's convolution (patches add copies).
+    reference_model = model_lib.make_model(config_lib.with_fields(config, {"model.conv_impl": "xla"}))
+    flops = piece_flops(config, reference_model, theta, one_task)
     evals = float(np.mean(evaluations))
     cg = config.meta_grad.solver_maxiter
     step_flops = config.train.meta_batch_size * (

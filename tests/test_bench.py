@@ -161,3 +161,29 @@ def test_bad_arguments_are_rejected_with_the_allowed_values(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--task-counts", "4,0"])
     assert "positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_omniglot_bench_measures_each_variant(capsys):
+    """bench.omniglot on a tiny conv net: one row per variant with its time, evaluations and FLOPs."""
+    from bench import omniglot
+
+    rows = omniglot.main(
+        [
+            "--width",
+            "4",
+            "--meta-batch",
+            "2",
+            "--devices",
+            "1",
+            "--steps",
+            "1",
+            "--variants",
+            "lbfgs/xla/map,gd/patches/vmap",
+        ]
+    )
+    assert [r["variant"] for r in rows] == ["lbfgs/xla/map", "gd/patches/vmap"]
+    for row in rows:
+        assert row["step_s"] > 0 and row["gflops"] > 0 and row["flops"]["evaluation"] > 0
+    assert rows[1]["evaluations_per_task"] == 17.0  # iMAML-GD: 16 steps, 17 gradient evaluations
+    assert "| gd/patches/vmap |" in capsys.readouterr().out

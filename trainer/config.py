@@ -172,6 +172,7 @@ def omniglot_config(num_ways: int, num_shots: int) -> ml_collections.ConfigDict:
     c.model.activation = "relu"
     c.model.conv_width = 64
     c.model.conv_blocks = 4
+    c.model.conv_impl = "patches"  # The same maths as "xla"; faster on XLA:CPU (bench.omniglot).
     c.model.normalization = "layer"
     c.tasks.family = "omniglot"
     c.tasks.num_ways = num_ways
