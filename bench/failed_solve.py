@@ -40,7 +40,7 @@ def replay(workdir: str, step: int) -> list[dict[str, float]]:
         loss=meta_grad.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
     )
     safeguarded = meta_grad.make_inner_solver(config, differentiable=False)
-    flat_objective, theta_flat, unravel = inner_lib._flat_problem(problem, theta)
+    flat_objective, theta_flat, unravel = inner_lib.flat_problem(problem, theta)
     plain = jaxopt.LBFGS(
         fun=flat_objective,
         maxiter=config.inner.maxiter,

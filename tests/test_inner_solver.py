@@ -44,11 +44,9 @@ def _failed_task_problem():
     return config, problem, theta, (jnp.asarray(saved["support_x"]), jnp.asarray(saved["support_y"]))
 
 
-def test_safeguarded_lbfgs_on_the_task_that_made_plain_lbfgs_fail():
-    config, problem, theta, support = _failed_task_problem()
-    inner = config.inner
-    flat_objective, theta_flat, _ = inner_lib._flat_problem(problem, theta)
-    plain = jaxopt.LBFGS(
+def _plain_lbfgs(flat_objective, inner):
+    """jaxopt's own L-BFGS with the config's settings: the reference the safeguarded solver is held against."""
+    return jaxopt.LBFGS(
         fun=flat_objective,
         maxiter=inner.maxiter,
         tol=inner.tol,
@@ -56,6 +54,13 @@ def test_safeguarded_lbfgs_on_the_task_that_made_plain_lbfgs_fail():
         maxls=inner.maxls,
         implicit_diff=False,
     )
+
+
+def test_safeguarded_lbfgs_on_the_task_that_made_plain_lbfgs_fail():
+    config, problem, theta, support = _failed_task_problem()
+    inner = config.inner
+    flat_objective, theta_flat, _ = inner_lib.flat_problem(problem, theta)
+    plain = _plain_lbfgs(flat_objective, inner)
     start = float(problem.objective(theta, theta, support))
     x_plain, state = jax.jit(plain.run)(theta_flat, theta_flat, support)
     plain_objective = float(flat_objective(x_plain, theta_flat, support))
@@ -108,11 +113,9 @@ def test_converged_lbfgs_returns_jaxopts_own_solution():
     theta = model_lib.init_params(model, keys["init"])
     task = jax.tree.map(lambda a: a[0], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
     problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
-    flat_objective, theta_flat, _ = inner_lib._flat_problem(problem, theta)
+    flat_objective, theta_flat, _ = inner_lib.flat_problem(problem, theta)
     inner = config.inner
-    plain = jaxopt.LBFGS(
-        fun=flat_objective, maxiter=inner.maxiter, tol=inner.tol, maxls=inner.maxls, implicit_diff=False
-    )
+    plain = _plain_lbfgs(flat_objective, inner)
     x_plain, state = jax.jit(plain.run)(theta_flat, theta_flat, tasks_lib.support(task))
     solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
     x, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, tasks_lib.support(task))

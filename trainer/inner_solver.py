@@ -103,7 +103,7 @@ def make_linear_solve(name: str, tol: float, maxiter: int) -> Callable:
     return functools.partial(LINEAR_SOLVES[name], tol=tol, maxiter=maxiter)
 
 
-def _flat_problem(problem: InnerProblem, theta: Params):
+def flat_problem(problem: InnerProblem, theta: Params):
     """The objective on ravelled parameters: (x_flat, theta_flat, data) -> scalar, and the unravel map."""
     theta_flat, unravel = ravel_pytree(theta)
 
@@ -153,7 +153,7 @@ class LBFGSSolver:
     linear_solve: Callable | None = None
 
     def solve(self, problem, init, theta, data):
-        flat_objective, theta_flat, unravel = _flat_problem(problem, theta)
+        flat_objective, theta_flat, unravel = flat_problem(problem, theta)
         lbfgs = jaxopt.LBFGS(
             fun=flat_objective,
             maxiter=self.maxiter,
@@ -217,7 +217,7 @@ class GradientDescentSolver:
     linear_solve: Callable | None = None
 
     def solve(self, problem, init, theta, data):
-        flat_objective, theta_flat, unravel = _flat_problem(problem, theta)
+        flat_objective, theta_flat, unravel = flat_problem(problem, theta)
         grad = jax.grad(flat_objective)
 
         def run(init_flat, theta_flat, data):

@@ -106,7 +106,7 @@ class DropGuard:
         self.batch_size = config.train.meta_batch_size
         self.max_fraction = config.meta_grad.max_dropped_fraction
         self.max_steps = config.meta_grad.max_dropped_steps
-        self.residual_limit = config.meta_grad.drop_residual_factor * config.inner.tol
+        self.residual_limit = train_step_lib.TaskFilter.from_config(config).max_residual
         self.policy = config.meta_grad.drop_tasks
         self.streak = 0
 
