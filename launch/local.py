@@ -7,12 +7,14 @@
 Everything after `--` goes to `python -m trainer.main`; the launcher adds --coordinator_address,
 --num_processes and --process_id. Each output line is prefixed with `[process i]`. If a process fails, the
 launcher terminates the others, names the failed process, and exits with its exit code (128 + signal number
-when it was killed by a signal). Use it to test multi-process runs without a cluster; see launch/README.md.
+when it was killed by a signal). Use it to test multi-process runs without a cluster; see launch/README.md. A --port already
+in use on this machine is an error (exit 1) before any process starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -25,11 +27,42 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _bind_all_interfaces(port: int) -> int:
+    """Binds `port` (0: any) on every interface, as process 0's coordination service will; returns the port.
+
+    IPv6 dual-stack, or IPv4 where the host has no IPv6; SO_REUSEADDR (a port in TIME_WAIT is free) but not
+    SO_REUSEPORT (gRPC's, which would let another run's coordinator share the port). Raises OSError, EADDRINUSE
+    when the port is taken. The test of trainer.distributed.port_in_use, here so the launcher needs no JAX.
+    """
+    error: OSError | None = None
+    for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind((wildcard, port))
+                return sock.getsockname()[1]
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise
+            error = e  # This family is unusable here; try the next.
+    assert error is not None
+    raise error
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that was free on every interface a moment ago (the OS picks it)."""
+    return _bind_all_interfaces(0)
+
+
+def port_in_use(port: int) -> bool:
+    """Whether the coordinator could not listen on `port` because another socket holds it."""
+    try:
+        _bind_all_interfaces(port)
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    return False
 
 
 def process_env(
@@ -106,6 +139,12 @@ def launch(
 ) -> int:
     """Runs the processes to completion; returns 0 if all succeeded, else the first failure's exit status."""
     out = out or sys.stdout
+    if port and port_in_use(port):
+        # Checked before starting anything: process 0 would segfault in jaxlib ("Failed to add port to server").
+        raise SystemExit(
+            f"launch: error: coordinator port {port} is already in use on this machine (another process, "
+            "perhaps another run, holds it); pass another --port, or leave --port out to get a free one"
+        )
     port = port or free_port()
     address = f"127.0.0.1:{port}"
     print(
@@ -210,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be >= 1")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: expected 1..65535, or 0 for a free one")
     if not trainer_args:
         parser.error(
             "no trainer flags: put them after `--`, e.g. -- --config=configs/smoke.py --workdir=/tmp/x"

@@ -6,10 +6,13 @@ settings logic and the launcher's helpers without JAX's runtime.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -244,6 +247,122 @@ def test_unreachable_coordinator_fails_with_a_clear_message(tmp_path):
     assert f"could not reach the coordinator (process 0) at 127.0.0.1:{port} within 2 s" in output, output
 
 
+# --- A coordinator port that another process holds ---
+
+# How a stray process may hold the port: (family, address, listen, SO_REUSEPORT). Each made jaxlib 0.10.2's
+# process 0 segfault ("Failed to add port to server"), except the SO_REUSEPORT one (how gRPC itself binds, so
+# another run's coordinator): there both coordination services shared the port and the first run crashed.
+PORT_HOLDERS = {
+    "listening on 127.0.0.1": (socket.AF_INET, "127.0.0.1", True, False),
+    "listening on 0.0.0.0": (socket.AF_INET, "0.0.0.0", True, False),
+    "listening on [::]": (socket.AF_INET6, "::", True, False),
+    "bound to 127.0.0.1, not listening": (socket.AF_INET, "127.0.0.1", False, False),
+    "listening with SO_REUSEPORT, like gRPC": (socket.AF_INET, "127.0.0.1", True, True),
+}
+
+
+@contextlib.contextmanager
+def _held_port(holder: str):
+    """Yields a port that a socket of this process holds, as PORT_HOLDERS[holder] says."""
+    family, address, listen, reuse_port = PORT_HOLDERS[holder]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, 0))
+        if listen:
+            sock.listen()
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _coordinator_holding_port():
+    """Yields the port of a JAX coordination service in another process: what another run's process 0 holds."""
+    port = launcher.free_port()
+    code = (
+        "import sys; from jax._src.lib import _jax; "
+        "service = _jax.get_distributed_runtime_service(sys.argv[1], 2); print('ready', flush=True); "
+        "sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, f"[::]:{port}"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _assert_one_clear_line(output: str) -> None:
+    assert "Traceback" not in output, output
+    assert "Segmentation" not in output and "Fatal Python error" not in output, output
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("holder", ["listening on 127.0.0.1", "another run's coordinator"])
+def test_launcher_refuses_a_port_in_use_before_starting_processes(tmp_path, holder):
+    held = _coordinator_holding_port() if holder == "another run's coordinator" else _held_port(holder)
+    with held as port:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(helpers.REPO, "launch", "local.py"),
+                "--num_processes=2",
+                f"--port={port}",
+                "--",
+                "--config=configs/smoke.py",
+                f"--workdir={tmp_path / 'run'}",
+            ],
+            cwd=helpers.REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        elapsed = time.monotonic() - started
+        assert distributed.port_in_use(port)  # The trainer's process 0 would refuse it as well.
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"coordinator port {port} is already in use" in proc.stderr, proc.stderr
+    assert "--port" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    _assert_one_clear_line(proc.stdout + proc.stderr)
+    assert "launch: process" not in proc.stdout  # Nothing was started.
+    assert not (tmp_path / "run").exists()
+    assert elapsed < 10, elapsed  # No JAX import, let alone a compile.
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("holder", ["listening on 127.0.0.1", "listening with SO_REUSEPORT, like gRPC"])
+def test_process_0_names_the_port_in_use(tmp_path, holder):
+    """Started without the launcher (as on a cluster), process 0 checks the port itself."""
+    with _held_port(holder) as port:
+        proc = helpers.run_cli(
+            [
+                "--config=configs/smoke.py",
+                f"--workdir={tmp_path / 'run'}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                "--process_id=0",
+                "--distributed_timeout_s=5",
+            ],
+            timeout=60,
+        )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert f"coordinator 127.0.0.1:{port}: port {port} is already in use" in errors[0]
+    assert "--coordinator_address" in errors[0] and "JAX_COORDINATOR_ADDRESS" in errors[0]
+    _assert_one_clear_line(proc.stdout + proc.stderr)
+    assert not (tmp_path / "run").exists()  # Failed before training (and any compile) started.
+
+
 # --- Settings and launcher helpers (no processes started) ---
 
 NO_CLUSTER = (None, None)
@@ -306,3 +425,59 @@ def test_launcher_gives_each_process_its_own_devices():
     assert launcher.process_env({}, "gpu", 1, 2)["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert launcher.describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
     assert launcher.describe_exit(3) == "exited with code 3"
+
+
+@pytest.mark.parametrize("holder", list(PORT_HOLDERS))
+def test_port_check_finds_a_port_held_on_any_local_address(holder):
+    with _held_port(holder) as port:
+        assert distributed.port_in_use(port)
+        assert launcher.port_in_use(port)  # The launcher's own copy of the test agrees.
+        settings = distributed.Settings(f"127.0.0.1:{port}", 2, 0, None)
+        with pytest.raises(distributed.DistributedError, match=f"port {port} is already in use") as e:
+            distributed.check_coordinator_port(settings, environ={})
+    assert "--coordinator_address (or JAX_COORDINATOR_ADDRESS)" in str(e.value)
+    assert "--port" in str(e.value)
+
+
+def test_port_check_passes_a_free_port_and_one_left_in_time_wait():
+    port = launcher.free_port()
+    assert not distributed.port_in_use(port) and not launcher.port_in_use(port)
+    distributed.check_coordinator_port(distributed.Settings(f"127.0.0.1:{port}", 2, 0, None), environ={})
+    # A finished run's connections leave its port in TIME_WAIT, which gRPC binds over (SO_REUSEADDR).
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # The server side closes first: its end of the connection stays in TIME_WAIT.
+        time.sleep(0.1)
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError) as e:
+        plain.bind(("127.0.0.1", port))  # Without SO_REUSEADDR the port still looks taken.
+    assert e.value.errno == errno.EADDRINUSE
+    assert not distributed.port_in_use(port) and not launcher.port_in_use(port)
+
+
+def test_port_check_only_for_process_0_which_binds_the_port_here_whatever_the_host():
+    with _held_port("listening on 0.0.0.0") as port:
+        # Process 0 binds [::]:PORT locally even for a name that does not resolve here (TEST-NET-1).
+        for host in ("127.0.0.1", "localhost", socket.gethostname(), "[::1]", "192.0.2.1"):
+            with pytest.raises(distributed.DistributedError, match=f"port {port}"):
+                distributed.check_coordinator_port(distributed.Settings(f"{host}:{port}", 2, 0, None), {})
+        # The other processes only connect.
+        distributed.check_coordinator_port(distributed.Settings(f"127.0.0.1:{port}", 2, 1, None), {})
+        distributed.check_coordinator_port(distributed.Settings(None, None, None, "slurm"), {})
+
+
+def test_port_check_tests_the_bind_address_jax_will_use():
+    free = launcher.free_port()
+    with _held_port("listening on 127.0.0.1") as held:
+        env = {distributed.ENV_BIND_ADDRESS: f"127.0.0.1:{held}"}
+        with pytest.raises(
+            distributed.DistributedError, match=f"JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:{held}"
+        ):
+            distributed.check_coordinator_port(distributed.Settings(f"127.0.0.1:{free}", 2, 0, None), env)
+        env = {distributed.ENV_BIND_ADDRESS: f"[::]:{free}"}  # JAX binds there, not to the held port.
+        distributed.check_coordinator_port(distributed.Settings(f"127.0.0.1:{held}", 2, 0, None), env)

@@ -9,12 +9,17 @@ Failure behaviour (measured with jax 0.10.2 on CPU): when a process dies, the co
 the missing heartbeats and terminates every other process with "Terminating process because the JAX
 distributed service detected fatal errors ... another task died" within `heartbeat_timeout_s`; when process 0
 (the coordinator) dies, the others terminate at once. A coordinator that never comes up ends the other
-processes after `timeout_s` with a DistributedError (checked here, before JAX aborts the process).
+processes after `timeout_s` with a DistributedError (checked here, before JAX aborts the process). A
+coordinator port already taken on process 0's machine makes jaxlib log "Failed to add port to server" and
+then segfault or raise "Failed to start RPC server" (either, from one try to the next), without naming the
+port; when the holder is another run's coordinator, both services share the port and the other run
+crashes. Process 0 therefore checks the port first (`check_coordinator_port`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import socket
 import sys
@@ -27,6 +32,8 @@ import jax
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+# Where process 0's coordination service listens (read by JAX; default "[::]:PORT", every interface).
+ENV_BIND_ADDRESS = "JAX_COORDINATOR_BIND_ADDRESS"
 
 
 _timeout_s: float = 300.0  # Set by initialize(); the default wait of barrier().
@@ -195,6 +202,73 @@ def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.25) -
         time.sleep(poll_s)
 
 
+def _bind_in_use(family: int, sockaddr: tuple) -> bool | None:
+    """True if binding `sockaddr` fails with EADDRINUSE, False if it binds, None if unusable on this host."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:  # E.g. no IPv6.
+        return None
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(sockaddr)
+        except OSError as e:
+            return True if e.errno == errno.EADDRINUSE else None
+    return False
+
+
+def port_in_use(port: int, host: str = "::") -> bool:
+    """Whether the coordination service would find `port` taken when it listens on `host` (all interfaces).
+
+    Binds like gRPC (measured with jaxlib 0.10.2 on Linux): "[::]:PORT" dual-stack, so a socket bound to the
+    port on any local address (127.0.0.1, 0.0.0.0, ...) blocks it, listening or not; with SO_REUSEADDR, so
+    a port left in TIME_WAIT by a finished run counts as free. Unlike gRPC, without SO_REUSEPORT: gRPC sets
+    it and would share the port with another run's coordinator, which is exactly the clash to catch.
+    """
+    host = host.strip("[]")
+    if host in ("", "::", "0.0.0.0"):
+        # The dual-stack wildcard covers IPv4 too; IPv4's own wildcard where the host has no IPv6.
+        for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+            in_use = _bind_in_use(family, (wildcard, port))
+            if in_use is not None:
+                return in_use
+        return False
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # Not ours to judge: JAX reports an unresolvable bind address itself.
+    return any(_bind_in_use(family, sockaddr) for family, _, _, _, sockaddr in infos)
+
+
+def check_coordinator_port(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    """Process 0: DistributedError if the port its coordination service will bind here is taken.
+
+    Only process 0 starts the service, and it binds `[::]:PORT` on its own machine whatever host the address
+    names (a DNS or Kubernetes service name may not resolve to a local address); the others only connect.
+    """
+    environ = os.environ if environ is None else environ
+    address = settings.coordinator_address
+    if settings.process_id != 0 or address is None:
+        return
+    port = address.rpartition(":")[2]
+    bind_address = environ.get(ENV_BIND_ADDRESS) or f"[::]:{port}"
+    bind_host, _, bind_port = bind_address.rpartition(":")
+    if not bind_port.isdigit() or not port_in_use(int(bind_port), bind_host):
+        return
+    custom_bind = bool(environ.get(ENV_BIND_ADDRESS))
+    raise DistributedError(
+        f"coordinator {address}: port {bind_port} "
+        + (f"({ENV_BIND_ADDRESS}={bind_address}) " if custom_bind else "")
+        + "is already in use on this machine; another process, perhaps another run's coordinator, holds it "
+        f"(`ss -ltnp 'sport = :{bind_port}'` shows which). Choose another port in --coordinator_address "
+        f"(or {ENV_COORDINATOR})"
+        + (f" and {ENV_BIND_ADDRESS}" if custom_bind else "")
+        + " for every process; with launch/local.py, pass another --port or leave it out to get a free one"
+    )
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -232,6 +306,7 @@ def initialize(
     if settings.coordinator_address is not None and settings.process_id not in (None, 0):
         # JAX aborts the process (no Python exception) when the coordinator is unreachable; check first.
         wait_for_coordinator(settings.coordinator_address, timeout_s)
+    check_coordinator_port(settings)  # jaxlib may segfault on a taken port, and never names it.
     try:
         jax.distributed.initialize(
             coordinator_address=settings.coordinator_address,
