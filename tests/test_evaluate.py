@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,7 +124,7 @@ def test_num_tasks_overrides_the_saved_config(saved_run, monkeypatch):
 def test_cli_on_an_empty_workdir_fails_clearly(tmp_path):
     proc = run_evaluate_cli([f"--workdir={tmp_path}"])
     assert proc.returncode == 1
-    assert "config.json does not exist" in proc.stderr and "not a training workdir" in proc.stderr
+    assert "neither checkpoints/ nor config.json" in proc.stderr and "not a training workdir" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []  # Nothing written into a directory that is not a run.
 
@@ -136,6 +137,28 @@ def test_missing_checkpoint_or_step_is_a_clear_error(saved_run, tmp_path):
         evaluate.evaluate_workdir(saved_run[0], step=3)
     with pytest.raises(evaluate.EvaluationError, match="does not exist"):
         evaluate.evaluate_workdir(str(tmp_path / "missing"))
+
+
+def test_the_config_saved_with_the_checkpoint_wins_over_an_edited_config_json(saved_run, tmp_path):
+    workdir, config, _, params = saved_run
+    edited = str(tmp_path / "edited")
+    shutil.copytree(workdir, edited)
+    saved = json.load(open(checkpointing.config_path(edited)))
+    saved["inner"]["l2reg"], saved["model"]["activation"] = 2.0, "relu"
+    json.dump(saved, open(checkpointing.config_path(edited), "w"))
+    warnings = []
+    loaded, _, meta_params, step = evaluate.load_run(edited, None, None, warn=warnings.append)
+    assert step == 4 and config_lib.to_dict(loaded) == config_lib.to_dict(config)
+    assert loaded.inner.l2reg == config.inner.l2reg and loaded.model.activation == config.model.activation
+    for a, b in zip(jax.tree.leaves(meta_params), jax.tree.leaves(params[4]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    (warning,) = warnings
+    assert "inner.l2reg (config.json 2.0, checkpoint 1.0)" in warning
+    assert "model.activation (config.json 'relu', checkpoint" in warning and "2 field(s)" in warning
+    os.remove(checkpointing.config_path(edited))  # The checkpoint alone is enough.
+    assert config_lib.to_dict(
+        evaluate.load_run(edited, 2, None, warn=warnings.append)[0]
+    ) == config_lib.to_dict(config)
 
 
 def test_load_config_round_trips_and_names_bad_fields(tmp_path):

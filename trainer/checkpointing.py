@@ -17,10 +17,15 @@ CLI then exits with `PREEMPTED_EXIT_STATUS`. With several processes, all agree o
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import logging
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -31,9 +36,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trainer import config as config_lib
+from trainer import workdir as workdir_lib
 
-# EX_TEMPFAIL (sysexits.h): "temporary failure; the user is invited to retry" -- run the same command again.
-PREEMPTED_EXIT_STATUS = 75
+PREEMPTED_EXIT_STATUS = workdir_lib.PREEMPTED_EXIT_STATUS
 SUPERSEDED_DIR = "checkpoints_superseded"
 
 
@@ -44,9 +49,14 @@ class CheckpointError(RuntimeError):
 class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped on request after saving.
     """Training stopped on SIGTERM/SIGINT after checkpointing `step`; rerunning the command resumes."""
 
-    def __init__(self, step: int, reason: str, checkpoint_dir: str):
+    def __init__(self, step: int, reason: str, checkpoint_dir: str, saved: bool = True):
         self.step, self.reason, self.checkpoint_dir = step, reason, checkpoint_dir
-        super().__init__(f"{reason}: saved step {step} in {checkpoint_dir}; run the same command to resume")
+        what = (
+            f"saved step {step} in {checkpoint_dir}"
+            if saved
+            else f"stopped before the first step of this run (at step {step}), nothing new to save"
+        )
+        super().__init__(f"{reason}: {what}; run the same command to resume")
 
 
 def config_path(workdir: str) -> str:
@@ -54,11 +64,8 @@ def config_path(workdir: str) -> str:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = config_path(workdir) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, config_path(workdir))
+    text = json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True)
+    workdir_lib.write_atomically(config_path(workdir), lambda f: f.write(text.encode()))
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:
@@ -82,20 +89,68 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differing_fields(a: dict[str, Any], b: dict[str, Any], names=None) -> list[tuple[str, Any, Any]]:
+    """(field, value in a, value in b) for each dotted field (of `names`, default all) that differs."""
+    a_flat, b_flat = _flat(a), _flat(b)
+    names = sorted(set(a_flat) | set(b_flat)) if names is None else names
+    return [
+        (name, a_flat.get(name), b_flat.get(name)) for name in names if a_flat.get(name) != b_flat.get(name)
+    ]
+
+
 def differing_maths_fields(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
     """Fields that change the optimisation problem and differ between the saved and the current config.
 
     `train.num_steps` counts only under a decaying learning-rate schedule, whose length it sets.
     """
-    saved_flat, current_flat = _flat(saved), _flat(config_lib.to_dict(current))
+    current_dict = config_lib.to_dict(current)
     names = list(config_lib.maths_fields())
-    if "constant" not in (saved_flat.get("outer.schedule"), current_flat.get("outer.schedule")):
+    schedules = (_flat(saved).get("outer.schedule"), _flat(current_dict).get("outer.schedule"))
+    if "constant" not in schedules:
         names.append("train.num_steps")
     return [
-        f"{name} (saved {saved_flat.get(name)!r}, now {current_flat.get(name)!r})"
-        for name in names
-        if saved_flat.get(name) != current_flat.get(name)
+        f"{name} (saved {was!r}, now {now!r})"
+        for name, was, now in differing_fields(saved, current_dict, names)
     ]
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Drops orbax's ERROR records (each with a traceback); `Checkpointer` raises the failure as one
+    CheckpointError instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FILTER = _DropOrbaxErrors()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed read, tensorstore's pending callbacks reach orbax's closed asyncio loop and each
+    prints "RuntimeError: Event loop is closed" as an unraisable exception: noise after the CheckpointError
+    that reports the failure. Only those are dropped; other unraisable exceptions print as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_imaml_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._imaml_quiet = True
+    sys.unraisablehook = hook
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """The innermost cause of `error` as one short line (orbax's messages carry whole tensorstore specs)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = re.sub(r"\s*\[tensorstore_spec=.*?\]\s*$", "", text)  # A page of JSON naming no more than the path.
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _abstract(template: Any) -> Any:
@@ -115,15 +170,22 @@ class Checkpointer:
     A context manager: leaving it (or `close()`) waits for pending saves.
     """
 
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict | None = None):
+        """With `config`, a run's checkpointer; without, a read-only one (evaluation and tools)."""
         self.workdir = workdir
         self.config = config
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        ck = config.checkpoint
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=ck.max_to_keep, create=True, enable_async_checkpointing=ck.async_save
-        )
+        if config is None:
+            options = ocp.CheckpointManagerOptions(create=False)  # Never saves; read_only=True only warns.
+        else:
+            ck = config.checkpoint
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=ck.max_to_keep, create=True, enable_async_checkpointing=ck.async_save
+            )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: int | None = None  # The step of the last save, until it is known to be complete.
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # Orbax logs through absl.logging.
+        _quiet_closed_loop_callbacks()
 
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -151,11 +213,45 @@ class Checkpointer:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra_meta or {}),
         }
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state_copy), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        with self._saving(step):
+            started = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state_copy), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        self._in_flight = step
+        return started
+
+    @contextlib.contextmanager
+    def _saving(self, step: int):
+        """Turns a failed save (now, or the background one in flight) into one CheckpointError and removes
+        its partial `<step>.orbax-checkpoint-tmp*` folder; complete checkpoints are never touched."""
+        try:
+            yield
+        except Exception as e:
+            failed = self._in_flight if self._in_flight is not None else step
+            self._in_flight = None
+            removed = self._remove_partial_saves()
+            raise CheckpointError(
+                f"saving checkpoint step {failed} in {self.directory} failed: {_one_line(e)}"
+                f"{'; its partial files were removed' if removed else ''}. The checkpoints saved before "
+                f"are intact ({self.all_steps() or 'none'}); free space or fix the directory, then run the "
+                "same command to resume"
+            ) from e
+
+    def _remove_partial_saves(self) -> list[str]:
+        if jax.process_index() != 0:
+            return []
+        partial = glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*"))
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            self.manager.reload()
+        except Exception:
+            pass
+        return partial
 
     def _check_step(self, step: int) -> None:
         if step not in self.all_steps():
@@ -167,7 +263,7 @@ class Checkpointer:
     def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
         return CheckpointError(
             f"checkpoint step {step} at {self.step_path(step)} cannot be read ({what}: "
-            f"{type(error).__name__}: {error}); choose another step with --restore_step "
+            f"{type(error).__name__}: {_one_line(error)}); choose another step with --restore_step "
             f"(available: {self.all_steps()})"
         )
 
@@ -234,20 +330,31 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; raises CheckpointError if it failed."""
+        with self._saving(self._in_flight or 0):
+            self.manager.wait_until_finished()
+        self._in_flight = None
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # The run already failed: finish what can be saved without hiding that first error.
+            self.close()
+        except Exception:
+            pass
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager; safe to call twice."""
         if self.manager is not None:
-            self.manager.wait_until_finished()
-            self.manager.close()
-            self.manager = None
+            try:
+                self.wait()
+            finally:
+                self.manager.close()
+                self.manager = None
 
 
 class PreemptionWatcher:
@@ -260,8 +367,9 @@ class PreemptionWatcher:
     """
 
     def __init__(self):
-        self.reason: str | None = None
         self._multiprocess = jax.process_count() > 1
+        # A signal that arrived during start-up, before these handlers existed, counts as well.
+        self.reason: str | None = None if self._multiprocess else workdir_lib.StartupSignals.received
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
@@ -272,8 +380,8 @@ class PreemptionWatcher:
             os.kill(os.getpid(), signal.SIGTERM)  # Reaches JAX's preemption notifier (a C-level handler).
         else:
             print(
-                f"{self.reason} received: saving a checkpoint after the current step, then exiting "
-                "(Ctrl-C again aborts without saving)",
+                f"{self.reason} received: stopping after the current step (or once start-up and compilation "
+                "end), saving a checkpoint if a step has run (Ctrl-C again aborts without saving)",
                 flush=True,
             )
 

@@ -1,6 +1,7 @@
 """Held-out evaluation of a run: `python -m trainer.evaluate --workdir=DIR [--num_tasks=N] [--step=S]`.
 
-Reads the config the run saved (`DIR/config.json`), restores the latest (or the given) checkpoint, scores
+Restores the latest (or the given) checkpoint with the config saved inside it (a `DIR/config.json` that
+differs, e.g. edited or left by another run, is reported by field and not used), scores
 every method of the evaluation (`evaluation.methods(family)`: METHODS for regression) on the same held-out
 tasks as training's evaluations (the first N of them: task i is drawn from fold_in(eval_key, i)), prints a
 table and writes `DIR/eval/step_<S>.json` (mean and 95% CI of each of the family's metrics per method) with
@@ -23,12 +24,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from trainer import checkpointing, evaluation, monitoring, optim, studies, train
+from trainer import checkpointing, evaluation, monitoring, omniglot, optim, studies, train
 from trainer import config as config_lib
 from trainer import figures as figures_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
+from trainer import workdir as workdir_lib
 
 DESCRIPTIONS = {
     "adapted": "inner solve from the meta-learned theta (iMAML)",
@@ -60,8 +62,18 @@ def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], source: str,
             ) from e
 
 
+def config_from_dict(saved: dict[str, Any], source: str) -> ml_collections.ConfigDict:
+    """`default_config()` updated with a saved config (`source` names it in errors), then validated."""
+    config = config_lib.default_config()
+    _update(config, saved, source)
+    try:
+        return config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{source}: {e}") from e
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's resolved config: `default_config()` updated with `DIR/config.json`, then validated."""
+    """The config of `DIR/config.json` (the last run's, for reading; evaluation uses the checkpoint's)."""
     path = checkpointing.config_path(workdir)
     saved = checkpointing.read_config(workdir)
     if saved is None:
@@ -69,35 +81,69 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} does not exist: {workdir} is not a training workdir "
             "(train writes config.json when a run starts)"
         )
-    config = config_lib.default_config()
-    _update(config, saved, path)
-    try:
-        return config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        raise config_lib.ConfigError(f"{path}: {e}") from e
+    return config_from_dict(saved, path)
 
 
-def restore_meta_params(
-    workdir: str, config: ml_collections.ConfigDict, model, step: int | None
-) -> tuple[Any, int]:
-    """The meta-parameters of checkpoint `step` (the latest when None) and that step."""
+def _checkpoint_config(
+    workdir: str, reader: checkpointing.Checkpointer, step: int, warn
+) -> ml_collections.ConfigDict:
+    """The config saved with checkpoint `step`, the source of truth for its meta-parameters.
+
+    A `config.json` that differs from it is reported (`warn`) and not used; a checkpoint written without
+    a config (none of this trainer's) falls back to config.json.
+    """
+    saved = reader.saved_meta(step).get("config")
+    path = checkpointing.config_path(workdir)
+    if saved is None:
+        warn(f"warning: checkpoint step {step} holds no config; using {path}")
+        return load_config(workdir)
+    on_disk = checkpointing.read_config(workdir)
+    differing = checkpointing.differing_fields(on_disk, saved) if on_disk is not None else []
+    if differing:
+        fields = "; ".join(f"{name} (config.json {a!r}, checkpoint {b!r})" for name, a, b in differing)
+        warn(
+            f"warning: {path} differs from the config saved with checkpoint step {step} in "
+            f"{len(differing)} field(s): {fields}; evaluating with the checkpoint's config"
+        )
+    return config_from_dict(saved, f"the config of checkpoint step {step} in {reader.directory}")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_run(
+    workdir: str, step: int | None, num_tasks: int | None, warn=_warn
+) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+    """The config saved with checkpoint `step` (the latest when None; eval.num_tasks = num_tasks if given),
+    its model, and its meta-parameters."""
+    if not os.path.isdir(workdir):
+        raise EvaluationError(f"workdir {workdir} does not exist")
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):  # Checked first: the Checkpointer would create the directory.
+    if not os.path.isdir(directory):
+        if checkpointing.read_config(workdir) is None:
+            raise EvaluationError(
+                f"{workdir} is not a training workdir: it has neither checkpoints/ nor config.json "
+                "(training writes both)"
+            )
         raise EvaluationError(f"no checkpoints in {workdir}: {directory} does not exist")
-    checkpointer = checkpointing.Checkpointer(workdir, config)
-    try:
-        steps = checkpointer.all_steps()
+    if num_tasks is not None and num_tasks < 1:
+        raise EvaluationError(f"--num_tasks must be >= 1, got {num_tasks}")
+    with checkpointing.Checkpointer(workdir) as reader:
+        steps = reader.all_steps()
         if not steps:
             raise EvaluationError(
-                f"no checkpoints in {directory} (training saves one every "
-                "checkpoint.every_steps and at the end)"
+                f"no checkpoints in {directory} (training saves one every checkpoint.every_steps and at the end)"
             )
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise EvaluationError(
-                f"no checkpoint of step {step} in {directory}; available steps: {sorted(steps)}"
-            )
+            raise EvaluationError(f"no checkpoint of step {step} in {directory}; available steps: {steps}")
+        config = _checkpoint_config(workdir, reader, step, warn)
+        if num_tasks is not None:
+            config.eval.num_tasks = num_tasks
+        train.configure_jax(config)
+        model = model_lib.make_model(config)
         keys = tasks_lib.split_keys(config.seed)
         optimizer, _ = optim.make_optimizer(config)
         template = jax.tree.map(
@@ -106,10 +152,8 @@ def restore_meta_params(
                 model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
             ),
         )
-        host_state = checkpointer.restore(step, template)
-    finally:
-        checkpointer.close()
-    return host_state.meta_params, int(step)
+        host_state = reader.restore(step, template)
+    return config, model, host_state.meta_params, int(step)
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -126,23 +170,6 @@ def format_table(record: dict[str, Any]) -> str:
     summary = record["summary"]
     lines.append(f"  inner solves of 'adapted' converged: {summary['eval/inner_converged_fraction']:.1%}")
     return "\n".join(lines)
-
-
-def load_run(
-    workdir: str, step: int | None, num_tasks: int | None
-) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
-    """The run's config (eval.num_tasks = num_tasks if given), model, and the meta-parameters of `step`."""
-    if not os.path.isdir(workdir):
-        raise EvaluationError(f"workdir {workdir} does not exist")
-    config = load_config(workdir)
-    if num_tasks is not None:
-        if num_tasks < 1:
-            raise EvaluationError(f"--num_tasks must be >= 1, got {num_tasks}")
-        config.eval.num_tasks = num_tasks
-    train.configure_jax(config)
-    model = model_lib.make_model(config)
-    meta_params, step = restore_meta_params(workdir, config, model, step)
-    return config, model, meta_params, step
 
 
 def evaluate_workdir(
@@ -188,10 +215,7 @@ def evaluate_workdir(
         "summary": summary,
     }
     path = os.path.join(out_dir, f"step_{step}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    workdir_lib.write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     record["path"] = path
     return record
 
@@ -252,8 +276,19 @@ def main(argv):
             record = kshot_workdir(FLAGS.workdir, shots, budgets, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
         else:
             record = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
-    except (EvaluationError, config_lib.ConfigError, checkpointing.CheckpointError) as e:
+    except (
+        EvaluationError,
+        config_lib.ConfigError,
+        checkpointing.CheckpointError,
+        omniglot.OmniglotError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # A full, read-only or forbidden disk is one line; anything else a bug.
+        message = workdir_lib.environment_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     if shots is not None:
         print(record["table"])

@@ -37,6 +37,7 @@ import ml_collections
 from jax.experimental import serialize_executable
 
 from trainer import config as config_lib
+from trainer import workdir
 
 SUFFIX = ".jaxexe"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -146,10 +147,25 @@ def _compile(jitted, args: tuple) -> tuple[jax.stages.Compiled, bool]:
 def _save(compiled: jax.stages.Compiled, path: str) -> None:
     """Writes atomically (a crash mid-write leaves no partial file under the final name)."""
     payload = pickle.dumps(serialize_executable.serialize(compiled))
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(payload)
-    os.replace(temporary, path)
+    workdir.write_atomically(path, lambda f: f.write(payload))
+
+
+def discard_entries_since(directory: str | None, since: float) -> list[str]:
+    """Removes the files but saved executables (written atomically) put in `directory` since `since`.
+
+    After a write failed there (a full disk), those may be partial: JAX's compilation cache writes its
+    entries in place, and a partial entry would be read, rejected with a warning, and rewritten by every
+    later run. Dropping them costs one compilation.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(directory, "*")) if directory else []:
+        try:
+            if not path.endswith(SUFFIX) and os.path.isfile(path) and os.path.getmtime(path) >= since:
+                os.remove(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def load_or_compile(

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ import ml_collections
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from trainer import workdir
 
 NUM_PLOTTED_TASKS = 4
 GRID_POINTS = 200
@@ -36,11 +37,7 @@ def save_png(rgba: np.ndarray, path: str) -> str:
     """Writes pixels as a PNG atomically (a reader never sees half a file); returns the path."""
     import matplotlib.image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    matplotlib.image.imsave(tmp, rgba, format="png")
-    os.replace(tmp, path)
-    return path
+    return workdir.write_atomically(path, lambda f: matplotlib.image.imsave(f, rgba, format="png"))
 
 
 def _take(tree: Any, index: int) -> Any:

@@ -10,10 +10,13 @@ after saving a checkpoint.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from trainer import workdir  # No JAX import: its signal handlers come first (run()).
 
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
 
@@ -54,6 +57,18 @@ _CPU_DEVICES = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _stopped_in_start_up() -> int | None:
+    """The preempted status if SIGTERM/SIGINT arrived during start-up (nothing to save yet)."""
+    if workdir.StartupSignals.received is None:
+        return None
+    print(
+        f"preempted: {workdir.StartupSignals.received} during start-up, nothing to save; run the same "
+        "command to start",
+        file=sys.stderr,
+    )
+    return workdir.PREEMPTED_EXIT_STATUS
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -88,8 +103,12 @@ def main(argv):
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from trainer import checkpointing, train
+    from trainer import checkpointing, executables, omniglot, train
 
+    stopped = _stopped_in_start_up()  # Later signals reach train's PreemptionWatcher (or JAX's notifier).
+    if stopped is not None:
+        return stopped
+    started = time.time()
     try:
         train.train_and_evaluate(
             config,
@@ -102,12 +121,22 @@ def main(argv):
         checkpointing.CheckpointError,
         train.NonFiniteError,
         distributed.DistributedError,
+        workdir.WorkdirLockedError,
+        omniglot.OmniglotError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except checkpointing.Preempted as e:  # A distinct status: schedulers and scripts rerun the command.
         print(f"preempted: {e}", file=sys.stderr)
         return checkpointing.PREEMPTED_EXIT_STATUS
+    except Exception as e:  # A full, read-only or forbidden disk is one line; anything else a bug.
+        message = workdir.environment_error(e)
+        if message is None:
+            raise
+        # Entries of the compilation cache written since the start may be partial.
+        executables.discard_entries_since(executables.cache_directory(config, _WORKDIR.value), started)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -156,6 +185,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+    workdir.StartupSignals.install()  # First: a signal during imports or compilation is never lost.
     app.run(main, flags_parser=parse_flags)
 
 

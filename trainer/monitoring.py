@@ -9,15 +9,19 @@ when stdout is a terminal, plain log lines otherwise.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sys
+import threading
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+
+from trainer import workdir as workdir_lib
 
 NON_SCALAR = ("inner_iterations_max_per_device",)
 # TensorBoard groups charts by the part of the tag before "/".
@@ -75,10 +79,65 @@ def truncate_jsonl(path: str, last_step: int) -> None:
         lines = f.readlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        workdir_lib.write_atomically(path, lambda f: f.write("".join(kept).encode()))
+
+
+def append_line(path: str, line: str) -> None:
+    """Appends one line to `path`; a failed write (a full disk) is undone, so no partial line remains.
+
+    Raises the OSError with `path` as its filename.
+    """
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError as e:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass
+        raise OSError(e.errno, e.strerror, path) from e
+    finally:
+        os.close(fd)
+
+
+class _WriterThreads:
+    """Exceptions of tensorboardX's background writer threads, kept for the main thread instead of printed.
+
+    tensorboardX writes events in a daemon thread (`EventFileWriter._worker`, tensorboardX 2.6) that dies
+    silently on a full disk; `MetricsWriter` registers its thread here and re-raises what it caught.
+    """
+
+    errors: dict[threading.Thread, BaseException] = {}
+    watched: set[threading.Thread] = set()
+    _previous = None
+
+    @classmethod
+    def watch(cls, thread: threading.Thread | None) -> None:
+        if thread is None:
+            return
+        if cls._previous is None:
+            cls._previous = threading.excepthook
+            threading.excepthook = cls._hook
+        cls.watched.add(thread)
+
+    @classmethod
+    def _hook(cls, args) -> None:
+        if args.thread in cls.watched:
+            cls.errors[args.thread] = args.exc_value
+        else:
+            cls._previous(args)
+
+    @classmethod
+    def pop_error(cls, thread: threading.Thread | None) -> BaseException | None:
+        return cls.errors.pop(thread, None)
+
+    @classmethod
+    def forget(cls, thread: threading.Thread | None) -> None:
+        cls.watched.discard(thread)
+        cls.errors.pop(thread, None)
 
 
 def metric_series(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
@@ -168,6 +227,7 @@ class MetricsWriter:
         self.resume_step = resume_step
         self._stream = stream if stream is not None else sys.stdout
         self._tb = None
+        self._tb_thread = None
         self._bar = None
         if not enabled:
             return
@@ -177,7 +237,13 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             # purge_step: TensorBoard hides events a previous, longer attempt wrote past the resumed step.
-            self._tb = SummaryWriter(logdir=tensorboard_dir(workdir), purge_step=resume_step + 1)
+            # A queue far longer than one write's events: tensorboardX's put() blocks on a full queue, which
+            # would hang the run if its thread died; `_flush_tensorboard` notices a dead thread at every write.
+            self._tb = SummaryWriter(
+                logdir=tensorboard_dir(workdir), purge_step=resume_step + 1, max_queue=1000
+            )
+            self._tb_thread = getattr(self._tb.file_writer.event_writer, "_worker", None)
+            _WriterThreads.watch(self._tb_thread)
         if num_steps and self._stream.isatty():
             from tqdm import tqdm
 
@@ -199,14 +265,37 @@ class MetricsWriter:
             return
         record = {"step": int(step)}
         record.update({k: to_jsonable(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record) + "\n")
         if self._tb is not None:
             for name, value in metrics.items():
                 value = np.asarray(value)
                 if value.ndim == 0 and name not in NON_SCALAR:
                     self._tb.add_scalar(tensorboard_tag(name), float(value), global_step=step)
-            self._tb.flush()
+            self._flush_tensorboard()
+
+    def _flush_tensorboard(self, close: bool = False) -> None:
+        """Flushes (or closes) the event file; a failed write, here or in tensorboardX's thread, raises
+        OSError naming the folder."""
+        error = None
+        try:
+            self._tb.close() if close else self._tb.flush()
+        except OSError as e:
+            error = e
+        error = _WriterThreads.pop_error(self._tb_thread) or error
+        if error is None and not close and self._tb_thread is not None and not self._tb_thread.is_alive():
+            error = OSError(errno.EIO, "the TensorBoard writer thread stopped")
+        if error is not None:
+            self._abandon_tensorboard()
+            directory = tensorboard_dir(self.workdir)
+            if isinstance(error, OSError):
+                raise OSError(error.errno, error.strerror, directory) from error
+            raise OSError(errno.EIO, f"TensorBoard events not written: {error}", directory) from error
+
+    def _abandon_tensorboard(self) -> None:
+        """Stops using a writer that failed, without its atexit hook retrying (and printing a traceback)."""
+        events = self._tb.file_writer.event_writer
+        events._closed = True  # tensorboardX 2.6: close() and its atexit hook then do nothing.
+        self._tb, self._tb_thread = None, None  # The thread stays watched: its later errors stay quiet.
 
     def series(self, history: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
         """(steps, values) of a metric over the run: records logged up to the resumed step, then `history`."""
@@ -221,7 +310,7 @@ class MetricsWriter:
 
         text = json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True)
         self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), global_step=0)
-        self._tb.flush()
+        self._flush_tensorboard()
 
     def write_hparams(self, config: ml_collections.ConfigDict, final_metrics: dict[str, float]) -> None:
         """The config as hparams with the final held-out metrics, in this run (not a separate sub-run).
@@ -237,7 +326,7 @@ class MetricsWriter:
         experiment, session_start, session_end = hparams(flat_hparams(config), metrics)
         for summary in (experiment, session_start, session_end):
             self._tb.file_writer.add_summary(summary)
-        self._tb.flush()
+        self._flush_tensorboard()
 
     def write_figures(self, step: int, figures: dict[str, Any], directory: str | None = None) -> list[str]:
         """Each figure as a TensorBoard image `figures/<name>` and as `<directory>/<name>_step_<step>.png`."""
@@ -253,7 +342,7 @@ class MetricsWriter:
             if self._tb is not None:
                 self._tb.add_image(f"figures/{name}", rgba[..., :3], global_step=step, dataformats="HWC")
         if self._tb is not None:
-            self._tb.flush()
+            self._flush_tensorboard()
         return paths
 
     def progress(self, step: int, loss: float) -> None:
@@ -269,10 +358,24 @@ class MetricsWriter:
         else:
             print(message, file=self._stream, flush=True)
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:  # The run already failed: close what can be closed without hiding that first error.
+            self.close()
+        except OSError:
+            pass
+
     def close(self) -> None:
+        """Finishes the progress bar and the event files; raises OSError if events could not be written."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            self._flush_tensorboard(close=True)  # Raises if the events could not all be written.
+            _WriterThreads.forget(self._tb_thread)
+            self._tb, self._tb_thread = None, None

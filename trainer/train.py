@@ -23,6 +23,7 @@ from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
+from trainer import workdir as workdir_lib
 
 
 class NonFiniteError(FloatingPointError):
@@ -184,6 +185,10 @@ def _train_and_evaluate(
     config_lib.validate(config)
     configure_jax(config, workdir)
     is_main = jax.process_index() == 0
+    # Before anything is read or written there: one run per workdir.
+    cleanup.enter_context(workdir_lib.run_lock(workdir, log=print if is_main else lambda message: None))
+    # From here on SIGTERM/SIGINT stop the run at the next step boundary (start-up and compilation too).
+    preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
     dtype = model_lib.dtype_of(config)
     model = model_lib.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
@@ -199,7 +204,7 @@ def _train_and_evaluate(
             model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
         ),
     )
-    checkpointer = cleanup.enter_context(contextlib.closing(checkpointing.Checkpointer(workdir, config)))
+    checkpointer = cleanup.enter_context(checkpointing.Checkpointer(workdir, config))
     host_state = checkpointer.restore_for_resume(
         host_state,
         restore_step=restore_step,
@@ -212,10 +217,8 @@ def _train_and_evaluate(
 
     # Closed on every exit (a NaN error too): the progress bar and the event files are finished cleanly.
     writer = cleanup.enter_context(
-        contextlib.closing(
-            monitoring.MetricsWriter(
-                workdir, enabled=is_main, resume_step=start_step, num_steps=config.train.num_steps
-            )
+        monitoring.MetricsWriter(
+            workdir, enabled=is_main, resume_step=start_step, num_steps=config.train.num_steps
         )
     )
     writer.log(
@@ -265,16 +268,17 @@ def _train_and_evaluate(
         )
         if source == "loaded":  # No JAX compile event reports a loaded executable.
             compile_timer.record(seconds)
-    preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
     pending = None  # (step number after the update, device metrics, dispatch time) of the step in flight.
     for step in range(start_step, last):
         if preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
             if pending is not None:
                 record(pending[0], pull(*pending))
-            checkpointer.save(step, backend.host_state(state))
-            checkpointer.wait()
+            saved = step > start_step  # Nothing to save before the first step of this run.
+            if saved:
+                checkpointer.save(step, backend.host_state(state))
+                checkpointer.wait()
             writer.close()
-            raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory)
+            raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory, saved=saved)
         done_step = step + 1
         task_batch = backend.sample_tasks(task_key, step)
         dispatched = time.perf_counter()
