@@ -8,6 +8,7 @@ absent; everything else runs on small arrays built here (the data set's sizes ar
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import re
@@ -150,16 +151,138 @@ def test_npz_folders_and_archives_give_identical_arrays(tiny_sets, tmp_path, mon
     assert expected.mean() < 80 and expected.max() == 255
 
 
-def test_resized_arrays_are_cached_and_reused(tiny_sets, tmp_path):
+def test_resized_arrays_are_cached_and_reused(tiny_sets, tmp_path, monkeypatch):
     _write_npz(str(tmp_path), tiny_sets)
     cache = tmp_path / "cache"
     first = omniglot_lib.load(str(tmp_path), str(cache), image_size=10)
-    assert os.listdir(cache) == [os.path.basename(omniglot_lib.cache_path(str(cache), 10))]
-    for name in omniglot_lib.SETS:
-        os.remove(tmp_path / f"images_{name}.npz")  # The cache alone is enough now.
-    np.testing.assert_array_equal(omniglot_lib.load(str(tmp_path), str(cache), image_size=10), first)
-    with pytest.raises(omniglot_lib.OmniglotError, match="images_background"):  # Another size: the source.
-        omniglot_lib.load(str(tmp_path), str(cache), image_size=14, allow_download=False)
+    assert os.listdir(cache) == [os.path.basename(omniglot_lib.cache_path(str(cache), 10, str(tmp_path)))]
+    with monkeypatch.context() as m:  # The cache alone is read now.
+        m.setattr(omniglot_lib, "_load_set", lambda *a: pytest.fail("read the source despite its cache"))
+        np.testing.assert_array_equal(omniglot_lib.load(str(tmp_path), str(cache), image_size=10), first)
+    np.testing.assert_array_equal(  # Another size: from the source, with its own cache.
+        omniglot_lib.load(str(tmp_path), str(cache), image_size=14), _expected(tiny_sets, 14)
+    )
+    assert len(os.listdir(cache)) == 2
+    for name in omniglot_lib.SETS:  # The data_dir is checked even though its caches exist.
+        os.remove(tmp_path / f"images_{name}.npz")
+    with pytest.raises(omniglot_lib.OmniglotError, match="lacks images_background"):
+        omniglot_lib.load(str(tmp_path), str(cache), image_size=10)
+
+
+def _no_download(monkeypatch):
+    monkeypatch.setattr(omniglot_lib, "download", lambda *a, **k: pytest.fail(f"download attempted: {a}"))
+
+
+def _error(call) -> str:
+    """The message of the OmniglotError that `call()` raises, checked to be a single line."""
+    with pytest.raises(omniglot_lib.OmniglotError) as e:
+        call()
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_a_missing_data_dir_is_an_error_even_beside_a_cache(tiny_sets, tmp_path, monkeypatch):
+    """Issue 17: a nonexistent tasks.data_dir was ignored when a resized cache existed (training ran on the
+    cache), and without a cache a download was attempted. Now it is one message naming the folder."""
+    cache, missing = tmp_path / "cache", tmp_path / "no" / "such" / "omniglot"
+    cache.mkdir()
+    np.savez(omniglot_lib.cache_path(str(cache), 6), images=np.zeros((5, 20, 6, 6), np.uint8))
+    _no_download(monkeypatch)
+    config = _omniglot_config(**{"tasks.data_dir": str(missing), "tasks.cache_dir": str(cache)})
+    message = _error(lambda: families.get_family(config).load_data(config))
+    assert message.startswith(f"tasks.data_dir {missing} does not exist; it must be a folder holding ")
+    for form in ("images_<set>.npz", "images_<set>/", "images_<set>.zip"):
+        assert form in message
+    assert "images_background and images_evaluation" in message
+    empty = tmp_path / "empty_cache"  # Without a cache: the same error, no download, nothing written.
+    message = _error(lambda: omniglot_lib.load(str(missing), str(empty), image_size=6))
+    assert f"tasks.data_dir {missing} does not exist" in message and not empty.exists()
+    (tmp_path / "a_file").write_bytes(b"")
+    message = _error(lambda: omniglot_lib.load(str(tmp_path / "a_file"), str(cache), image_size=6))
+    assert f"tasks.data_dir {tmp_path / 'a_file'} is not a folder" in message
+    monkeypatch.chdir(tmp_path)  # A relative data_dir is named by its absolute path.
+    message = _error(lambda: omniglot_lib.load("relative/omniglot", str(cache), image_size=6))
+    assert f"tasks.data_dir {tmp_path / 'relative' / 'omniglot'} does not exist" in message
+
+
+def test_a_data_dir_with_one_set_names_the_missing_one(tiny_sets, tmp_path, monkeypatch):
+    """The other set is never taken from the cache folder (it was, before) nor downloaded."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    data.mkdir()
+    cache.mkdir()
+    _write_npz(str(data), {"background": tiny_sets["background"]})
+    _write_npz(str(cache), {"evaluation": tiny_sets["evaluation"]})
+    _no_download(monkeypatch)
+    message = _error(lambda: omniglot_lib.load(str(data), str(cache), image_size=6))
+    assert message.startswith(
+        f"tasks.data_dir {data} lacks images_evaluation (no images_evaluation.npz, images_evaluation/ or "
+        "images_evaluation.zip); it must be a folder holding images_background and images_evaluation"
+    )
+    assert "lacks images_background" not in message and f"download the archives into {cache}" in message
+    assert sorted(os.listdir(cache)) == ["images_evaluation.npz"]  # No cache was written.
+    os.remove(data / "images_background.npz")
+    message = _error(lambda: omniglot_lib.load(str(data), str(cache), image_size=6))
+    assert "lacks images_background (no images_background.npz, " in message
+    assert "and images_evaluation (no images_evaluation.npz, " in message
+    (data / "images_background").mkdir()  # Each set in any form: an (empty) folder counts as present here
+    (data / "images_evaluation.zip").write_bytes(b"")  # and fails later, naming its own path.
+    assert omniglot_lib.check_data_dir(str(data)) == {
+        "background": str(data / "images_background"),
+        "evaluation": str(data / "images_evaluation.zip"),
+    }
+    message = _error(lambda: omniglot_lib.load(str(data), str(cache), image_size=6))
+    assert message.startswith(f"{data / 'images_background'}: no PNG images")
+
+
+def test_a_data_dir_has_its_own_cache(tiny_sets, tmp_path, monkeypatch):
+    """Caches of different sources share cache_dir without ever standing in for one another."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    default = np.zeros((5, 20, 8, 8), np.uint8)  # The cache of the default source (cache_dir's own sets).
+    np.savez(omniglot_lib.cache_path(str(cache), 8), images=default)
+    sets = {"a": tiny_sets, "b": {name: images[:, ::-1] for name, images in tiny_sets.items()}}
+    for name, source in sets.items():
+        (tmp_path / name).mkdir()
+        _write_npz(str(tmp_path / name), source)
+    expected = {name: _expected(source, 8) for name, source in sets.items()}
+    assert not np.array_equal(expected["a"], expected["b"])
+    for name in sets:
+        loaded = omniglot_lib.load(str(tmp_path / name), str(cache), image_size=8)
+        np.testing.assert_array_equal(loaded, expected[name], err_msg=name)
+    paths = {name: omniglot_lib.cache_path(str(cache), 8, str(tmp_path / name)) for name in sets}
+    paths[""] = omniglot_lib.cache_path(str(cache), 8)
+    assert sorted(os.listdir(cache)) == sorted({os.path.basename(p) for p in paths.values()})
+    assert len(os.listdir(cache)) == 3
+    assert re.fullmatch(r"omniglot_8px_v\d+_[0-9a-f]{12}\.npz", os.path.basename(paths["a"]))
+    # Each source reads back its own cache; a symlink or a relative path to a folder is that folder.
+    monkeypatch.setattr(omniglot_lib, "_load_set", lambda *a: pytest.fail("read a source despite its cache"))
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    for data_dir, name in (
+        (str(tmp_path / "a"), "a"),
+        (str(tmp_path / "b"), "b"),
+        (str(tmp_path / "link"), "a"),
+        ("b", "b"),
+    ):
+        loaded = omniglot_lib.load(data_dir, str(cache), image_size=8)
+        np.testing.assert_array_equal(loaded, expected[name], err_msg=data_dir)
+    np.testing.assert_array_equal(omniglot_lib.load("", str(cache), image_size=8), default)
+    assert len(os.listdir(cache)) == 3
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_and_leaves_no_file(tiny_sets, tmp_path, monkeypatch):
+    _write_npz(str(tmp_path), tiny_sets)
+    cache = tmp_path / "cache"
+
+    def full_disk(file, **arrays):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(omniglot_lib.np, "savez", full_disk)
+    with pytest.warns(UserWarning, match=r"could not cache the resized Omniglot images in .*No space left"):
+        loaded = omniglot_lib.load(str(tmp_path), str(cache), image_size=8)
+    np.testing.assert_array_equal(loaded, _expected(tiny_sets, 8))
+    assert os.listdir(cache) == []
 
 
 def test_download_is_checked_before_it_is_used(tiny_sets, tmp_path, monkeypatch):
@@ -198,9 +321,23 @@ def test_download_is_checked_before_it_is_used(tiny_sets, tmp_path, monkeypatch)
     assert os.listdir(tmp_path / "empty_cache") == []
 
 
+def test_a_download_cut_mid_transfer_is_one_message_and_leaves_nothing(tmp_path, monkeypatch):
+    class CutResponse(io.BytesIO):
+        def read(self, size=-1):
+            raise http.client.IncompleteRead(b"x" * 10, 1000)
+
+    monkeypatch.setattr(omniglot_lib.urllib.request, "urlopen", lambda url, timeout: CutResponse())
+    url = omniglot_lib.ARCHIVES["background"].url
+    message = _error(lambda: omniglot_lib.load("", str(tmp_path / "cache"), image_size=8))
+    assert message.startswith(f"could not download {url} to {tmp_path / 'cache' / 'images_background.zip'}")
+    assert "Without network access, set tasks.data_dir to a folder holding images_background" in message
+    assert os.listdir(tmp_path / "cache") == []  # The partial download was removed.
+
+
 def test_corrupted_or_truncated_archive_fails_its_checksum(tiny_sets, tmp_path, monkeypatch):
     path = str(tmp_path / "images_background.zip")
     archive = _write_zip(path, "images_background", tiny_sets["background"], 1)
+    _write_npz(str(tmp_path), {"evaluation": tiny_sets["evaluation"]})  # A data_dir holds both sets.
     monkeypatch.setattr(omniglot_lib, "ARCHIVES", dict(omniglot_lib.ARCHIVES, background=archive))
     omniglot_lib.verify_archive(path, archive)
     with open(path, "r+b") as f:  # Same size, one byte changed.

@@ -1,16 +1,19 @@
 """Omniglot (Lake, Salakhutdinov & Tenenbaum 2015, MIT licence): loading, resizing, splits and task sampling.
 
-Sources, tried in this order for each set (`background`: 964 characters, `evaluation`: 659), first in
-`data_dir`, then in `cache_dir`:
+Sources (`background`: 964 characters, `evaluation`: 659), each set in one of three forms:
   images_<set>.npz   arrays `images` bool [C, 20, 105, 105] (True = white background) and `labels`;
   images_<set>/      the unzipped canonical layout `<Alphabet>/characterNN/XXXX_YY.png` (character id XXXX,
                      drawer YY);
-  images_<set>.zip   the canonical archive (size and md5 checked), read without unzipping;
-and otherwise the canonical archive is downloaded into `cache_dir` (to a temporary file, checked, then
-renamed, so a partial download is never used). Character id i (1..1623) is row i - 1 of the combined array.
+  images_<set>.zip   the canonical archive (size and md5 checked), read without unzipping.
+A given `data_dir` is checked up front and is the only source: it must hold both sets (`check_data_dir`),
+nothing is downloaded and nothing is taken from elsewhere. Without a `data_dir`, the sets are read from
+`cache_dir`, and a missing one is downloaded there (to a temporary file, checked, then renamed, so a partial
+download is never used). Character id i (1..1623) is row i - 1 of the combined array.
 
 Preprocessing as in MAML/iMAML: ink is 1 and background 0, each 105x105 image is resized once to
-`image_size` (Lanczos, the filter of the MAML scripts' PIL resize) and the result is cached in `cache_dir`.
+`image_size` (Lanczos, the filter of the MAML scripts' PIL resize) and the result is cached in `cache_dir`,
+under a name that carries a hash of the `data_dir` it was made from (`cache_path`), so a cache is only ever
+reused for its own source.
 Tasks are sampled on device by `sample_task`, a pure function of a key and the image array.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import io
 import os
 import re
@@ -72,6 +76,12 @@ class OmniglotError(ValueError):
     """The data are missing, corrupted or not laid out as expected; the message names the path."""
 
 
+_FORMS = (
+    "images_background and images_evaluation, each as an array file images_<set>.npz, an unzipped folder "
+    "images_<set>/ or the canonical archive images_<set>.zip"
+)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Archives and downloads
 
@@ -112,11 +122,11 @@ def download(archive: Archive, destination: str, timeout_s: float = 60.0) -> str
             partial, archive, name=f"download of {archive.url}", advice=f"not saved to {destination}"
         )
         os.replace(partial, destination)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        # URLError and socket timeouts are OSErrors; a connection cut mid-transfer is an HTTPException.
         raise OmniglotError(
             f"could not download {archive.url} to {destination}: {e}. Without network access, set "
-            "tasks.data_dir to a folder holding images_background and images_evaluation (.npz arrays, "
-            "unzipped folders or the .zip archives)"
+            f"tasks.data_dir to a folder holding {_FORMS}, or put that archive at {destination} yourself"
         ) from e
     finally:
         if os.path.exists(partial):
@@ -221,10 +231,15 @@ def load_png_zip(path: str, archive: Archive | None = None) -> tuple[np.ndarray,
 
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     """images bool [C, 20, 105, 105] and character ids [C] of one shared `.npz` set."""
-    with np.load(path) as data:
-        if "images" not in data:
-            raise OmniglotError(f"{path}: no array 'images', expected images bool [C, 20, 105, 105]")
-        images = data["images"]
+    try:
+        with np.load(path) as data:
+            if "images" not in data:
+                raise OmniglotError(f"{path}: no array 'images', expected images bool [C, 20, 105, 105]")
+            images = data["images"]
+    except OmniglotError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise OmniglotError(f"{path}: not a readable .npz file ({e})") from e
     if images.dtype != bool or images.ndim != 4 or images.shape[1:] != (NUM_DRAWERS, RAW_SIZE, RAW_SIZE):
         raise OmniglotError(
             f"{path}: images {images.dtype} {images.shape}, expected bool "
@@ -235,33 +250,54 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     return images, np.arange(first, first + images.shape[0], dtype=np.int32)
 
 
-def _load_set(
-    name: str, search_dirs: list[str], cache_dir: str, allow_download: bool
-) -> tuple[np.ndarray, str]:
-    """All characters of one set, bool [C, 20, 105, 105], and where they came from."""
-    for directory in search_dirs:
-        stem = os.path.join(directory, f"images_{name}")
-        if os.path.isfile(stem + ".npz"):
-            images, ids, source = *load_npz(stem + ".npz"), stem + ".npz"
-        elif os.path.isdir(stem):
-            images, ids, source = *load_png_folder(stem), stem
-        elif os.path.isfile(stem + ".zip"):
-            images, ids, source = *load_png_zip(stem + ".zip", ARCHIVES[name]), stem + ".zip"
-        else:
-            continue
-        break
+def find_set(directory: str, name: str) -> str | None:
+    """The path of set `name` in `directory`, in the first form present (npz, folder, zip); None if absent."""
+    stem = os.path.join(directory, f"images_{name}")
+    candidates = [(stem + ".npz", os.path.isfile), (stem, os.path.isdir), (stem + ".zip", os.path.isfile)]
+    return next((path for path, present in candidates if present(path)), None)
+
+
+def check_data_dir(data_dir: str, cache_dir: str = DEFAULT_CACHE_DIR) -> dict[str, str]:
+    """The path of each set in a given `data_dir`, else one OmniglotError naming it and all it lacks."""
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    if not os.path.exists(data_dir):
+        problem = "does not exist"
+    elif not os.path.isdir(data_dir):
+        problem = "is not a folder"
+    elif not os.access(data_dir, os.R_OK | os.X_OK):
+        problem = "cannot be read (permission denied)"
     else:
-        if not allow_download:
-            raise OmniglotError(f"images_{name} (.npz, folder or .zip) not found in {search_dirs}")
-        source = download(ARCHIVES[name], os.path.join(cache_dir, f"images_{name}.zip"))
-        images, ids = load_png_zip(source, ARCHIVES[name])
+        found = {name: find_set(data_dir, name) for name in SETS}
+        missing = [name for name, path in found.items() if path is None]
+        if not missing:
+            return found
+        problem = "lacks " + " and ".join(
+            f"images_{n} (no images_{n}.npz, images_{n}/ or images_{n}.zip)" for n in missing
+        )
+    raise OmniglotError(
+        f"tasks.data_dir {data_dir} {problem}; it must be a folder holding {_FORMS}. Nothing is downloaded "
+        f"and no cache is used in its place while tasks.data_dir is set: correct it, or leave it empty to "
+        f"download the archives into {os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)}"
+    )
+
+
+def _load_set(name: str, path: str | None, download_dir: str) -> np.ndarray:
+    """All characters of one set, bool [C, 20, 105, 105], read from `path` or downloaded to `download_dir`."""
+    if path is None:
+        path = download(ARCHIVES[name], os.path.join(download_dir, f"images_{name}.zip"))
+    if path.endswith(".npz"):
+        images, ids = load_npz(path)
+    elif path.endswith(".zip"):
+        images, ids = load_png_zip(path, ARCHIVES[name])
+    else:
+        images, ids = load_png_folder(path)
     expected = np.arange(FIRST_ID[name], FIRST_ID[name] + NUM_CLASSES[name])
     if images.shape[0] != NUM_CLASSES[name] or not np.array_equal(ids, expected):
         raise OmniglotError(
-            f"{source}: {images.shape[0]} characters (ids {ids[:1]}..{ids[-1:]}), expected the "
+            f"{path}: {images.shape[0]} characters (ids {ids[:1]}..{ids[-1:]}), expected the "
             f"{NUM_CLASSES[name]} characters {expected[0]}..{expected[-1]} of images_{name}"
         )
-    return images, source
+    return images
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,13 +340,59 @@ def resize(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
     return out.reshape(*images.shape[:-2], size, size)
 
 
-def resolve_dirs(data_dir: str, cache_dir: str) -> tuple[str, str]:
-    cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
-    return os.path.expanduser(data_dir) if data_dir else cache_dir, cache_dir
+def source_id(data_dir: str) -> str:
+    """What a resized cache was made from: the real path of `data_dir`, or "" for `cache_dir`'s own sets."""
+    return os.path.realpath(os.path.expanduser(data_dir)) if data_dir else ""
 
 
-def cache_path(cache_dir: str, image_size: int) -> str:
-    return os.path.join(cache_dir, f"omniglot_{image_size}px_v{_CACHE_VERSION}.npz")
+def cache_path(cache_dir: str, image_size: int, data_dir: str = "") -> str:
+    """The resized cache of `data_dir`'s sets (of the sets in and downloaded into `cache_dir` if empty).
+
+    A given `data_dir` adds a hash of its real path to the name, so that its cache is never read for another
+    source, nor another source's cache for it.
+    """
+    name = f"omniglot_{image_size}px_v{_CACHE_VERSION}"
+    if data_dir:
+        name += "_" + hashlib.sha256(source_id(data_dir).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), name + ".npz")
+
+
+def _read_cache(path: str, source: str, expected_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached images if `path` holds a cache made from `source`, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as data:
+            stored = str(data["source"]) if "source" in data else ""  # Caches of v1 before sources: "".
+            if stored != source:
+                return None  # A hash collision: rebuilt (and overwritten) from this source.
+            images = data["images"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise OmniglotError(
+            f"{path}: not a readable Omniglot cache ({e}); delete the file to rebuild it"
+        ) from e
+    if images.shape != expected_shape or images.dtype != np.uint8:
+        raise OmniglotError(
+            f"{path}: cached images {images.dtype} {images.shape}, expected uint8 "
+            f"{expected_shape}; delete the file to rebuild it"
+        )
+    return images
+
+
+def _write_cache(path: str, images: np.ndarray, source: str) -> None:
+    """Writes via a temporary file renamed into place (never a partial cache); a failure is only a warning."""
+    directory = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, source=np.asarray(source))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        warnings.warn(f"could not cache the resized Omniglot images in {path}: {e}", stacklevel=3)
 
 
 def load(
@@ -318,32 +400,26 @@ def load(
 ) -> np.ndarray:
     """All 1623 characters resized: uint8 [1623, 20, S, S], row i = character id i + 1 (ink 255).
 
-    The resized array is cached in `cache_dir`; a cache that cannot be written is only a warning.
+    A given `data_dir` must hold both sets (`check_data_dir`), even when their resized cache exists; without
+    one, the sets come from `cache_dir` or are downloaded there (if `allow_download`). The resized array is
+    cached in `cache_dir` under `cache_path`; a cache that cannot be written is only a warning.
     """
-    data_dir, cache_dir = resolve_dirs(data_dir, cache_dir)
-    cached = cache_path(cache_dir, image_size)
+    cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+    paths = check_data_dir(data_dir, cache_dir) if data_dir else None  # Up front, cache or not.
+    cached, source = cache_path(cache_dir, image_size, data_dir), source_id(data_dir)
     expected_shape = (sum(NUM_CLASSES.values()), NUM_DRAWERS, image_size, image_size)
-    if os.path.isfile(cached):
-        with np.load(cached) as data:
-            images = data["images"]
-        if images.shape != expected_shape or images.dtype != np.uint8:
-            raise OmniglotError(
-                f"{cached}: cached images {images.dtype} {images.shape}, expected uint8 "
-                f"{expected_shape}; delete the file to rebuild it"
-            )
+    images = _read_cache(cached, source, expected_shape)
+    if images is not None:
         return images
-    search_dirs = list(dict.fromkeys([data_dir, cache_dir]))
-    images = np.concatenate(
-        [resize(_load_set(name, search_dirs, cache_dir, allow_download)[0], image_size) for name in SETS]
-    )
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(cached) + ".", suffix=".tmp", dir=cache_dir)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images)
-        os.replace(tmp, cached)
-    except OSError as e:
-        warnings.warn(f"could not cache the resized Omniglot images in {cached}: {e}", stacklevel=2)
+    if paths is None:
+        paths = {name: find_set(cache_dir, name) for name in SETS}
+        missing = [f"images_{name}" for name, path in paths.items() if path is None]
+        if missing and not allow_download:
+            raise OmniglotError(
+                f"{cache_dir} lacks {' and '.join(missing)} and downloads are off; expected {_FORMS}"
+            )
+    images = np.concatenate([resize(_load_set(name, paths[name], cache_dir), image_size) for name in SETS])
+    _write_cache(cached, images, source)
     return images
 
 
