@@ -481,3 +481,38 @@ def test_port_check_tests_the_bind_address_jax_will_use():
             distributed.check_coordinator_port(distributed.Settings(f"127.0.0.1:{free}", 2, 0, None), env)
         env = {distributed.ENV_BIND_ADDRESS: f"[::]:{free}"}  # JAX binds there, not to the held port.
         distributed.check_coordinator_port(distributed.Settings(f"127.0.0.1:{held}", 2, 0, None), env)
+
+
+@pytest.mark.multiprocess
+def test_a_second_multi_process_job_on_a_held_workdir_stops_in_every_process(tmp_path):
+    """Process 0 finds the workdir's lock held; every process learns it from process 0 and stops at once."""
+    from tests.test_workdir import _start_holder
+
+    workdir = tmp_path / "run"
+    holder = _start_holder(workdir)
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(helpers.REPO, "launch", "local.py"),
+                "--num_processes",
+                "2",
+                "--devices_per_process",
+                "1",
+                "--",
+                "--config=configs/smoke.py",
+                f"--workdir={workdir}",
+            ],
+            cwd=helpers.REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert f"[process 0] error: workdir {workdir} is in use by another run (pid {holder.pid} " in output, output
+    assert f"[process 1] error: process 0 could not lock workdir {workdir} (held by pid {holder.pid} " in output
+    assert "Traceback" not in output and "training" not in output, output
