@@ -98,6 +98,15 @@ def test_config_text_hparams_and_figures_in_tensorboard(trained):
         "_hparams_/session_start_info",
         "_hparams_/session_end_info",
     }
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
+    shown = set(start.hparams)
+    assert {"inner.l2reg", "model.hidden_sizes", "train.meta_batch_size", "train.num_steps"} <= shown
+    assert not shown & {"checkpoint.async_save", "compile_cache_dir", "logging.every_steps", "tasks.data_dir"}
+    assert start.hparams["inner.l2reg"].number_value == config.inner.l2reg
     for tag in ("figures/predictions", "figures/training"):
         images = events.Images(tag)
         assert [im.step for im in images] == [2, NUM_STEPS], tag

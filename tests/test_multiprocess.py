@@ -516,3 +516,17 @@ def test_a_second_multi_process_job_on_a_held_workdir_stops_in_every_process(tmp
     assert f"[process 0] error: workdir {workdir} is in use by another run (pid {holder.pid} " in output, output
     assert f"[process 1] error: process 0 could not lock workdir {workdir} (held by pid {holder.pid} " in output
     assert "Traceback" not in output and "training" not in output, output
+
+
+def test_the_start_up_line_says_what_is_known_and_never_question_marks(monkeypatch):
+    explicit = distributed.start_line(distributed.Settings("127.0.0.1:1234", 2, 0, None))
+    assert explicit == "process 0 of 2 (explicit settings): connecting to coordinator 127.0.0.1:1234"
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+    slurm.update(SLURM_STEP_NODELIST="node1", SLURM_NODELIST="node1")
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    settings = distributed.resolve(environ={})
+    assert settings.cluster == "slurm"
+    assert distributed.start_line(settings).startswith("process 1 of 2 (from slurm's environment)")
+    unknown = distributed.start_line(distributed.Settings(None, None, None, "no_such_cluster"))
+    assert "?" not in unknown and unknown.startswith("this process (from no_such_cluster's environment)")

@@ -97,6 +97,36 @@ def auto_cpu_devices(meta_batch_size: int, cores: int, environ: Mapping[str, str
     return count if count > 1 else 0
 
 
+def _cluster_value(cluster: str, method: str):
+    """What JAX's cluster environment `cluster` reports through `method` (None if unknown before start-up)."""
+    try:
+        from jax._src import clusters
+
+        for env in clusters.ClusterEnv._cluster_types:
+            if (env.name or env.__name__) == cluster:
+                return getattr(env, method)()
+    except Exception:
+        pass
+    return None
+
+
+def start_line(settings: Settings) -> str:
+    """What is known before connecting: the process id and count, from the flags or the cluster's
+    environment, and the coordinator; unknown parts are left out rather than printed as '?'."""
+    pid, count, address = settings.process_id, settings.num_processes, settings.coordinator_address
+    if settings.cluster is not None:
+        pid = pid if pid is not None else _cluster_value(settings.cluster, "get_process_id")
+        count = count if count is not None else _cluster_value(settings.cluster, "get_process_count")
+    who = "this process"
+    if pid is not None:
+        who = f"process {pid}" + (f" of {count}" if count is not None else "")
+    elif count is not None:
+        who = f"one of {count} processes"
+    source = f"from {settings.cluster}'s environment" if settings.cluster else "explicit settings"
+    target = f"coordinator {address}" if address else "the coordinator the cluster names"
+    return f"{who} ({source}): connecting to {target}"
+
+
 def detect_cluster() -> tuple[str | None, int | None]:
     """The cluster environment JAX's auto-detection would use, and its process count (None, None if none).
 
@@ -296,13 +326,7 @@ def initialize(
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     where = settings.cluster or "explicit settings"
-    print(
-        f"[distributed] process {settings.process_id if settings.process_id is not None else '?'} of "
-        f"{settings.num_processes or '?'} ({where}): connecting to coordinator "
-        f"{settings.coordinator_address or '(auto)'}, timeout {timeout_s} s",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"[distributed] {start_line(settings)}, timeout {timeout_s} s", file=sys.stderr, flush=True)
     if settings.coordinator_address is not None and settings.process_id not in (None, 0):
         # JAX aborts the process (no Python exception) when the coordinator is unreachable; check first.
         wait_for_coordinator(settings.coordinator_address, timeout_s)

@@ -150,6 +150,19 @@ def metric_series(records: list[dict[str, Any]], name: str) -> tuple[list[int], 
     return steps, values
 
 
+# Beside the maths fields (config.maths_fields), the sizes that define an experiment in TensorBoard's HParams tab.
+HPARAM_SIZES = ("train.num_steps", "eval.num_tasks")
+
+
+def experiment_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """The fields that define the experiment (the maths fields and the main sizes), as TensorBoard hparams;
+    where things are written, how often and on how many devices are left out."""
+    from trainer import config as config_lib
+
+    names = set(config_lib.maths_fields()) | set(HPARAM_SIZES)
+    return {name: value for name, value in flat_hparams(config).items() if name in names}
+
+
 def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
     """The config as TensorBoard hparams: dotted names, sequences as strings."""
     out = {}
@@ -313,7 +326,7 @@ class MetricsWriter:
         self._flush_tensorboard()
 
     def write_hparams(self, config: ml_collections.ConfigDict, final_metrics: dict[str, float]) -> None:
-        """The config as hparams with the final held-out metrics, in this run (not a separate sub-run).
+        """The experiment's fields as hparams with the final held-out metrics, in this run (not a sub-run).
 
         TensorBoard's HParams tab reads each metric's value from this run's scalar of the same tag,
         which `write` logged at the last evaluation.
@@ -323,7 +336,7 @@ class MetricsWriter:
         from tensorboardX.summary import hparams
 
         metrics = {k: float(v) for k, v in final_metrics.items() if np.ndim(v) == 0}
-        experiment, session_start, session_end = hparams(flat_hparams(config), metrics)
+        experiment, session_start, session_end = hparams(experiment_hparams(config), metrics)
         for summary in (experiment, session_start, session_end):
             self._tb.file_writer.add_summary(summary)
         self._flush_tensorboard()
