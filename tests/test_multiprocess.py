@@ -513,8 +513,12 @@ def test_a_second_multi_process_job_on_a_held_workdir_stops_in_every_process(tmp
         holder.wait()
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
-    assert f"[process 0] error: workdir {workdir} is in use by another run (pid {holder.pid} " in output, output
-    assert f"[process 1] error: process 0 could not lock workdir {workdir} (held by pid {holder.pid} " in output
+    assert f"[process 0] error: workdir {workdir} is in use by another run (pid {holder.pid} " in output, (
+        output
+    )
+    assert (
+        f"[process 1] error: process 0 could not lock workdir {workdir} (held by pid {holder.pid} " in output
+    )
     assert "Traceback" not in output and "training" not in output, output
 
 

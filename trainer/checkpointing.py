@@ -147,7 +147,9 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
     text = " ".join(str(error).split()) or type(error).__name__
-    text = re.sub(r"\s*\[tensorstore_spec=.*?\]\s*$", "", text)  # A page of JSON naming no more than the path.
+    text = re.sub(
+        r"\s*\[tensorstore_spec=.*?\]\s*$", "", text
+    )  # A page of JSON naming no more than the path.
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror
     return text if len(text) <= limit else text[:limit] + "..."
