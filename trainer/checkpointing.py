@@ -155,6 +155,22 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _retention(max_to_keep: int, best_metric: str, best_mode: str) -> dict[str, Any]:
+    """Orbax options keeping the latest `max_to_keep` checkpoints, and the best by `best_metric` if set
+    (orbax's preservation policies; a checkpoint saved without metrics never counts as the best)."""
+    if not best_metric:
+        return {"max_to_keep": max_to_keep}
+    from orbax.checkpoint import checkpoint_managers as policies
+
+    best = policies.BestN(
+        get_metric_fn=lambda metrics: metrics[best_metric],
+        reverse=best_mode == "min",  # BestN keeps the end of the ascending order: the largest values.
+        n=1,
+        keep_checkpoints_without_metrics=False,
+    )
+    return {"preservation_policy": policies.AnyPreservationPolicy([policies.LatestN(n=max_to_keep), best])}
+
+
 def _abstract(template: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
 
@@ -182,7 +198,9 @@ class Checkpointer:
         else:
             ck = config.checkpoint
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=ck.max_to_keep, create=True, enable_async_checkpointing=ck.async_save
+                create=True,
+                enable_async_checkpointing=ck.async_save,
+                **_retention(ck.max_to_keep, ck.best_metric, ck.best_mode),
             )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._in_flight: int | None = None  # The step of the last save, until it is known to be complete.
@@ -198,8 +216,15 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, host_state: Any, extra_meta: dict[str, Any] | None = None) -> bool:
-        """Starts saving `host_state` as `step` (in the background when `checkpoint.async_save`).
+    def save(
+        self,
+        step: int,
+        host_state: Any,
+        extra_meta: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Starts saving `host_state` as `step` (in the background when `checkpoint.async_save`), with the
+        held-out `metrics` of that step if it was evaluated (they rank it for `checkpoint.best_metric`).
 
         Returns False, saving nothing, when `step` is already saved (or being saved).
         """
@@ -215,6 +240,10 @@ class Checkpointer:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra_meta or {}),
         }
+        best_metric = self.config.checkpoint.best_metric
+        ranked = {best_metric: float(metrics[best_metric])} if best_metric and metrics else None
+        if ranked is not None:
+            meta["metrics"] = ranked
         with self._saving(step):
             started = self.manager.save(
                 step,
@@ -222,6 +251,7 @@ class Checkpointer:
                     state=ocp.args.StandardSave(state_copy), meta=ocp.args.JsonSave(meta)
                 ),
                 force=True,
+                metrics=ranked,
             )
         self._in_flight = step
         return started
@@ -254,6 +284,21 @@ class Checkpointer:
         except Exception:
             pass
         return partial
+
+    def best_step(self, metric: str, mode: str) -> int:
+        """The kept step with the best `metric` ("min" or "max") among those saved with it."""
+        scored = {}
+        for step in self.all_steps():
+            value = (self.saved_meta(step).get("metrics") or {}).get(metric)
+            if value is not None:
+                scored[step] = value
+        if not scored:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} was saved with the metric {metric!r} "
+                f"(steps: {self.all_steps() or 'none'}); the run needs checkpoint.best_metric={metric!r}"
+            )
+        pick = min if mode == "min" else max
+        return pick(scored, key=lambda step: (scored[step], -step))
 
     def _check_step(self, step: int) -> None:
         if step not in self.all_steps():

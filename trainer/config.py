@@ -132,6 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 500  # Number of meta-steps (outer updates).
     c.train.meta_batch_size = 32  # Tasks per meta-step, split across devices.
+    # Warm start (--init_from): "OTHER_WORKDIR[:STEP]", whose meta-parameters a fresh run starts from (fresh
+    # optimizer state, step 0); recorded here as "<absolute path>:<step>". "" starts from the random init.
+    c.train.init_from = ""
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.backend = "shard_map"  # One of BACKENDS; "none" runs on one device with vmap only.
@@ -154,6 +157,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 100  # Checkpoint period (and at the end); 0 saves only at the end.
     c.checkpoint.max_to_keep = 3  # Number of checkpoints kept.
     c.checkpoint.async_save = True  # Save in the background while training continues.
+    # Also keep the checkpoint with the best held-out metric (e.g. "eval/adapted_mse"); "" keeps only the latest.
+    # Every evaluated step is then checkpointed; `trainer.evaluate --step=best` picks the best one.
+    c.checkpoint.best_metric = ""
+    c.checkpoint.best_mode = "min"  # "min" or "max" (e.g. "max" for eval/adapted_acc).
     return c
 
 
@@ -323,6 +330,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "checkpoint.every_steps": _int(0),
     "checkpoint.max_to_keep": _int(1),
     "checkpoint.async_save": _bool,
+    "checkpoint.best_metric": lambda v: None if isinstance(v, str) else 'a held-out metric name, or ""',
+    "checkpoint.best_mode": _choice(("min", "max")),
+    "train.init_from": _str,
 }
 
 
@@ -445,6 +455,7 @@ def check_device_count(config: ml_collections.ConfigDict, num_devices: int) -> N
 # Where the data come from does not change them (every source is checked to give the same arrays); when a
 # run stops for dropped tasks is decided on the host and does not change any update.
 _NOT_MATHS = (
+    "train.init_from",  # Decides the start of a fresh run only; a resume starts from its own checkpoint.
     "tasks.data_dir",
     "tasks.cache_dir",
     "meta_grad.max_dropped_fraction",

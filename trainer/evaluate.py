@@ -113,10 +113,11 @@ def _warn(message: str) -> None:
 
 
 def load_run(
-    workdir: str, step: int | None, num_tasks: int | None, warn=_warn
+    workdir: str, step: int | str | None, num_tasks: int | None, warn=_warn
 ) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
-    """The config saved with checkpoint `step` (the latest when None; eval.num_tasks = num_tasks if given),
-    its model, and its meta-parameters."""
+    """The config saved with checkpoint `step` (the latest when None, the best by the run's
+    checkpoint.best_metric when "best"; eval.num_tasks = num_tasks if given), its model, and its
+    meta-parameters."""
     if not os.path.isdir(workdir):
         raise EvaluationError(f"workdir {workdir} does not exist")
     directory = os.path.join(workdir, "checkpoints")
@@ -135,6 +136,16 @@ def load_run(
             raise EvaluationError(
                 f"no checkpoints in {directory} (training saves one every checkpoint.every_steps and at the end)"
             )
+        if step == "best":
+            latest = reader.saved_meta(max(steps)).get("config") or {}
+            best = latest.get("checkpoint", {})
+            if not best.get("best_metric"):
+                raise EvaluationError(
+                    f"--step=best: the run in {workdir} kept no best checkpoint (its checkpoint.best_metric "
+                    "is empty); give a step number"
+                )
+            step = reader.best_step(best["best_metric"], best.get("best_mode", "min"))
+            warn(f"--step=best: step {step}, the best {best['best_metric']} ({best.get('best_mode', 'min')})")
         if step is None:
             step = max(steps)
         elif step not in steps:
@@ -173,7 +184,7 @@ def format_table(record: dict[str, Any]) -> str:
 
 
 def evaluate_workdir(
-    workdir: str, *, step: int | None = None, num_tasks: int | None = None
+    workdir: str, *, step: int | str | None = None, num_tasks: int | None = None
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
     config, model, meta_params, step = load_run(workdir, step, num_tasks)
@@ -225,7 +236,7 @@ def kshot_workdir(
     shots: list[int],
     budgets: list[int],
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     num_tasks: int | None = None,
 ) -> dict[str, Any]:
     """K-shot curves of a checkpoint of `workdir` (`studies.kshot_curves`), written to eval/kshot_step_<S>.*."""
@@ -250,11 +261,21 @@ def _ints(values: list[str] | None, name: str) -> list[int] | None:
         raise EvaluationError(f"--{name} expects comma-separated integers, got {','.join(values)}") from None
 
 
+def _step(value: str | None) -> int | str | None:
+    if value is None or value == "best":
+        return value
+    if not value.isdigit():
+        raise EvaluationError(f'--step={value}: expected a step number or "best"')
+    return int(value)
+
+
 def define_flags() -> None:
     """Defined on use, not at import: tests import this module beside trainer.main (same flag names)."""
     flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
     flags.DEFINE_integer("num_tasks", None, "Held-out tasks to evaluate on (default: eval.num_tasks).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_string(
+        "step", None, 'Checkpoint step to evaluate (default: the latest; "best": by checkpoint.best_metric).'
+    )
     flags.DEFINE_list(
         "shots", None, "K-shot curves for these numbers of support points (regression), e.g. 5,10,20."
     )
@@ -270,12 +291,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO.
     FLAGS = flags.FLAGS
     try:
+        step = _step(FLAGS.step)
         shots = _ints(FLAGS.shots, "shots")
         if shots is not None:
             budgets = _ints(FLAGS.budgets, "budgets")
-            record = kshot_workdir(FLAGS.workdir, shots, budgets, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
+            record = kshot_workdir(FLAGS.workdir, shots, budgets, step=step, num_tasks=FLAGS.num_tasks)
         else:
-            record = evaluate_workdir(FLAGS.workdir, step=FLAGS.step, num_tasks=FLAGS.num_tasks)
+            record = evaluate_workdir(FLAGS.workdir, step=step, num_tasks=FLAGS.num_tasks)
     except (
         EvaluationError,
         config_lib.ConfigError,

@@ -33,6 +33,18 @@ _RESTORE_STEP = flags.DEFINE_integer(
     "Resume from this checkpoint step instead of the latest; later steps are moved to "
     "<workdir>/checkpoints_superseded.",
 )
+_INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    None,
+    "Warm start: OTHER_WORKDIR[:STEP] (default: its latest checkpoint); a fresh run starts from that run's "
+    "meta-parameters with a fresh optimizer at step 0 (sets config field train.init_from).",
+)
+_PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps",
+    None,
+    "START:END: write a jax.profiler trace of the steps logged as START+1..END to "
+    "<workdir>/tensorboard/plugins/profile (TensorBoard's Profile tab).",
+)
 # Multi-process runs (launch/README.md); under SLURM, a TPU pod, Open MPI or Kubernetes JAX fills these in.
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0's coordinator (or env JAX_COORDINATOR_ADDRESS)."
@@ -76,10 +88,17 @@ def main(argv):
     from trainer import config as config_lib
 
     config = _CONFIG.value
+    if _INIT_FROM.value is not None:
+        config.train.init_from = _INIT_FROM.value
     try:
         config_lib.validate(config)
     except config_lib.ConfigError as e:
         print(f"error: invalid config {flags.FLAGS['config'].config_filename}: {e}", file=sys.stderr)
+        return 2
+    try:
+        profile_steps = parse_profile_steps(_PROFILE_STEPS.value)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from trainer import distributed
 
@@ -115,6 +134,7 @@ def main(argv):
             _WORKDIR.value,
             allow_config_change=_ALLOW_CONFIG_CHANGE.value,
             restore_step=_RESTORE_STEP.value,
+            profile_steps=profile_steps,
         )
     except (
         config_lib.ConfigError,
@@ -138,6 +158,21 @@ def main(argv):
         print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def parse_profile_steps(value: str | None) -> tuple[int, int] | None:
+    """ "START:END" (0 <= START < END) -> (START, END); None stays None. Raises ConfigError."""
+    from trainer import config as config_lib
+
+    if value is None or value == "":
+        return None
+    start, _, end = value.partition(":")
+    if not (start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise config_lib.ConfigError(
+            f"--profile_steps={value}: expected START:END with 0 <= START < END (e.g. 10:15 traces the "
+            "steps logged as 11 to 15)"
+        )
+    return int(start), int(end)
 
 
 def _missing_config_file(argv: list[str]) -> str | None:

@@ -162,16 +162,103 @@ def train_and_evaluate(
     *,
     allow_config_change: bool = False,
     restore_step: int | None = None,
+    profile_steps: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final state.
 
+    A fresh run starts from `config.train.init_from`'s meta-parameters when set. `profile_steps=(a, b)`
+    writes a `jax.profiler` trace of the steps logged as a+1..b to `<workdir>/tensorboard/plugins/profile`.
     Raises `checkpointing.Preempted` after saving the current step on SIGTERM/SIGINT. Pending checkpoint
     saves are waited for on every exit, error or not.
     """
     with contextlib.ExitStack() as cleanup:
         return _train_and_evaluate(
-            config, workdir, cleanup, allow_config_change=allow_config_change, restore_step=restore_step
+            config,
+            workdir,
+            cleanup,
+            allow_config_change=allow_config_change,
+            restore_step=restore_step,
+            profile_steps=profile_steps,
         )
+
+
+def parse_init_from(value: str) -> tuple[str, int | None]:
+    """ "DIR" or "DIR:STEP" -> (DIR, STEP or None)."""
+    path, _, step = value.rpartition(":")
+    if path and step.isdigit():
+        return path, int(step)
+    return value, None
+
+
+def warm_start(config: ml_collections.ConfigDict, host_state: Any, log) -> tuple[Any, str]:
+    """`host_state` with the meta-parameters of `config.train.init_from`'s checkpoint; and "<abs dir>:<step>".
+
+    The source run's own saved config builds its parameter tree; every parameter must have the shape this
+    run's model gives it (a ConfigError names the first that does not).
+    """
+    from trainer import evaluate  # It imports this module.
+
+    directory, step = parse_init_from(config.train.init_from)
+    try:
+        _, _, params, step = evaluate.load_run(directory, step, None, warn=log)
+    except evaluate.EvaluationError as e:
+        raise config_lib.ConfigError(f"train.init_from={config.train.init_from!r}: {e}") from e
+    ours, _ = jax.tree_util.tree_flatten_with_path(host_state.meta_params)
+    theirs = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    source = f"{os.path.abspath(directory)}:{step}"
+    names = {jax.tree_util.keystr(path) for path, _ in ours}
+    extra = sorted(jax.tree_util.keystr(path) for path in theirs if jax.tree_util.keystr(path) not in names)
+    if extra:
+        raise config_lib.ConfigError(
+            f"train.init_from={source}: the source has parameters this model lacks: {extra}"
+        )
+    leaves = []
+    for path, leaf in ours:
+        name = jax.tree_util.keystr(path)
+        if path not in theirs:
+            raise config_lib.ConfigError(
+                f"train.init_from={source}: parameter {name} is missing in the source"
+            )
+        if np.shape(theirs[path]) != np.shape(leaf):
+            raise config_lib.ConfigError(
+                f"train.init_from={source}: parameter {name} has shape {tuple(np.shape(theirs[path]))} "
+                f"there and {tuple(np.shape(leaf))} in this model"
+            )
+        leaves.append(np.asarray(theirs[path], dtype=np.asarray(leaf).dtype))
+    treedef = jax.tree.structure(host_state.meta_params)
+    return host_state.replace(meta_params=jax.tree.unflatten(treedef, leaves)), source
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of the steps logged as start+1..end, where TensorBoard's profile plugin reads it
+    (`<log_dir>/plugins/profile/<time>/`); each step is marked with `StepTraceAnnotation`. Off (None): no
+    trace, and `annotate` is a null context."""
+
+    def __init__(self, log_dir: str, steps: tuple[int, int] | None, log):
+        self.log_dir, self.steps, self.log = log_dir, steps, log
+        self.active = False
+
+    def before_dispatch(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0] and not self.active:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def annotate(self, step: int):
+        if not self.active:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def due_to_stop(self, step: int) -> bool:
+        return self.active and step >= self.steps[1]
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            self.log(
+                f"profile of steps {self.steps[0] + 1}-{self.steps[1]} written to "
+                f"{os.path.join(self.log_dir, 'plugins', 'profile')} (TensorBoard's Profile tab)"
+            )
 
 
 def _train_and_evaluate(
@@ -181,6 +268,7 @@ def _train_and_evaluate(
     *,
     allow_config_change: bool,
     restore_step: int | None,
+    profile_steps: tuple[int, int] | None,
 ) -> TrainResult:
     config_lib.validate(config)
     configure_jax(config, workdir)
@@ -194,6 +282,14 @@ def _train_and_evaluate(
     keys = tasks_lib.split_keys(config.seed)
     optimizer, schedule = optim.make_optimizer(config)
     family = families.get_family(config)
+    best_metric = config.checkpoint.best_metric
+    if best_metric:  # Checked before anything is compiled.
+        known = [f"eval/{m}_{n}" for m in evaluation.methods(family) for n in family.metric_names]
+        if best_metric not in known:
+            raise config_lib.ConfigError(
+                f"config field 'checkpoint.best_metric' = {best_metric!r} is not a held-out metric of "
+                f"tasks.family {config.tasks.family!r}: expected one of {known}"
+            )
     task_data = family.load_data(config)  # Host arrays (Omniglot's images; None for sinusoid), loaded once.
     task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model, family)
     backend = parallel.make_backend(config, task_meta_grad, optimizer, dtype, data=task_data.train)
@@ -205,6 +301,15 @@ def _train_and_evaluate(
         ),
     )
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(workdir, config))
+    log = print if is_main else lambda message: None
+    if config.train.init_from and not checkpointer.all_steps() and restore_step is None:
+        host_state, source = warm_start(config, host_state, log)
+        config.train.init_from = source  # Recorded as resolved in config.json, checkpoints and TensorBoard.
+        log(f"warm start: meta-parameters of {source}, fresh optimizer state, step 0")
+    elif config.train.init_from:
+        log(
+            f"resuming this run's own checkpoint; train.init_from={config.train.init_from!r} only starts a fresh run"
+        )
     host_state = checkpointer.restore_for_resume(
         host_state,
         restore_step=restore_step,
@@ -268,8 +373,15 @@ def _train_and_evaluate(
         )
         if source == "loaded":  # No JAX compile event reports a loaded executable.
             compile_timer.record(seconds)
+    profiler = StepProfiler(monitoring.tensorboard_dir(workdir), profile_steps, writer.log)
+    cleanup.callback(profiler.stop)
     pending = None  # (step number after the update, device metrics, dispatch time) of the step in flight.
     for step in range(start_step, last):
+        if profiler.due_to_stop(step):  # The traced steps' results first, so that the trace holds them whole.
+            if pending is not None:
+                record(pending[0], pull(*pending))
+                pending = None
+            profiler.stop()
         if preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
             if pending is not None:
                 record(pending[0], pull(*pending))
@@ -281,14 +393,17 @@ def _train_and_evaluate(
             raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory, saved=saved)
         done_step = step + 1
         task_batch = backend.sample_tasks(task_key, step)
+        profiler.before_dispatch(step)
         dispatched = time.perf_counter()
-        state, device_metrics = train_step(state, task_batch)  # Runs while we process step N-1.
+        with profiler.annotate(done_step):
+            state, device_metrics = train_step(state, task_batch)  # Runs while we process step N-1.
         compile_timer.stop()
         if pending is not None:
             record(pending[0], pull(*pending))
         pending = (done_step, device_metrics, dispatched)
         eval_due = _due(done_step, config.eval.every_steps, last)
-        ckpt_due = _due(done_step, config.checkpoint.every_steps, last)
+        # With checkpoint.best_metric every evaluated step is a candidate for the best checkpoint.
+        ckpt_due = _due(done_step, config.checkpoint.every_steps, last) or (eval_due and bool(best_metric))
         if not (eval_due or ckpt_due):
             continue
         metrics = pull(*pending)  # Finish this step before evaluating or saving it.
@@ -301,7 +416,7 @@ def _train_and_evaluate(
             extra = {**eval_summary, "eval_time_s": time.perf_counter() - eval_started}
         record(done_step, metrics, extra)
         if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
-            checkpointer.save(done_step, host_state)
+            checkpointer.save(done_step, host_state, metrics=extra)
         if eval_due:
             writer.log(evaluation.format_summary(done_step, eval_summary))
             if writer.enabled:  # Training curves; predictions too when the family kept its outputs.
@@ -312,6 +427,7 @@ def _train_and_evaluate(
                 )
     if pending is not None:
         record(pending[0], pull(*pending))
+    profiler.stop()
     host_state = backend.host_state(state)
     checkpointer.close()
     if eval_summary:
