@@ -1,6 +1,8 @@
 """Task families behind one interface, chosen by `config.tasks.family`: `get_family(config)`.
 
-A family provides
+`tasks.family` is a built-in name (FAMILIES: "sinusoid", "omniglot") or an import path "module.path:ClassName"
+of a class outside this package (`family_class`, checked by `config.validate`). A family is a class built as
+`Family(config)` that provides
   make_model(config)                       the model (the MLP for sinusoid, the conv net for omniglot)
   loss(model, params, x, y)                the per-task loss: MSE, or softmax cross-entropy of integer labels
   task_metrics(model, params, x, y)        extra per-task training metrics (accuracy for classification)
@@ -10,6 +12,14 @@ A family provides
   load_data(config)                        host-side arrays: TaskData(train=..., test=...), None for sinusoid
   sample(data, key, step, indices, dtype)  the training tasks of a step; pure and jittable
   heldout(data, key, indices, dtype)       held-out tasks i = fold_in(key, i), from the test data
+and the class attributes
+  baseline_name                            the trivial method's name in the evaluation ("zero", "chance")
+  metric_names                             the held-out metrics, the reported one first
+  loss_metric                              the one of them that is the loss
+  keeps_eval_outputs                       whether evaluation keeps adapted parameters and tasks (figures)
+An imported family may also declare `default_options`, its own config fields (tasks.options.<name>) with
+their defaults, and `check_config(config)`, raising ValueError naming a bad field. `Regression` is the
+regression part (MLP, MSE, the "zero" baseline): a family deriving from it writes `sample_task` only.
 `data` (the image array) is an argument of the jitted sampling functions, placed once on every device, and
 never a compile-time constant.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 from typing import Any, ClassVar
 
@@ -26,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from trainer import config as config_lib
 from trainer import model as model_lib
 from trainer import omniglot as omniglot_lib
 from trainer import tasks as tasks_lib
@@ -44,15 +56,24 @@ def _heldout_keys(eval_key: jax.Array, task_indices: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sinusoid:
-    """Few-shot regression of y = amplitude * sin(frequency * x + phase) (trainer/tasks.py)."""
+class Regression:
+    """Few-shot regression with the MLP, the query MSE and predicting 0 as the baseline; `sample_task` is the family.
+
+    Training task i of a step is sample_task(tasks.task_keys(train_key, step, i)), a fixed pool with
+    tasks.num_fixed_train_tasks; held-out task i is sample_task(fold_in(eval_key, i)).
+    """
 
     config: ml_collections.ConfigDict
-    name: ClassVar[str] = "sinusoid"
+    name: ClassVar[str] = "regression"
     baseline_name: ClassVar[str] = "zero"  # The trivial method's name in the evaluation.
     metric_names: ClassVar[tuple[str, ...]] = ("mse",)  # Held-out metrics; the first is the one reported.
     loss_metric: ClassVar[str] = "mse"  # The held-out metric that is the loss.
     keeps_eval_outputs: ClassVar[bool] = True  # Evaluation keeps adapted params and tasks (figures).
+
+    def sample_task(self, key: jax.Array, dtype) -> tasks_lib.TaskBatch:
+        """One task: support_x [K, D], support_y [K, 1], query_x [Q, D], query_y [Q, 1], and any per-task
+        arrays (the curve's parameters, say), kept with the evaluation's outputs."""
+        raise NotImplementedError(f"{type(self).__name__} must define sample_task(key, dtype)")
 
     def make_model(self, config: ml_collections.ConfigDict):
         return model_lib.make_model(config)
@@ -73,12 +94,21 @@ class Sinusoid:
         return TaskData()
 
     def sample(self, data, key, step, task_indices, dtype):
-        return tasks_lib.sample_tasks(self.config.tasks, key, step, task_indices, dtype)
+        keys = tasks_lib.task_keys(key, step, task_indices, self.config.tasks.num_fixed_train_tasks)
+        return jax.vmap(lambda k: self.sample_task(k, dtype))(keys)
 
     def heldout(self, data, key, task_indices, dtype):
-        return jax.vmap(lambda k: tasks_lib.sample_sinusoid_task(k, self.config.tasks, dtype))(
-            _heldout_keys(key, task_indices)
-        )
+        return jax.vmap(lambda k: self.sample_task(k, dtype))(_heldout_keys(key, task_indices))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sinusoid(Regression):
+    """Few-shot regression of y = amplitude * sin(frequency * x + phase) (trainer/tasks.py)."""
+
+    name: ClassVar[str] = "sinusoid"
+
+    def sample_task(self, key: jax.Array, dtype) -> tasks_lib.TaskBatch:
+        return tasks_lib.sample_sinusoid_task(key, self.config.tasks, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +176,87 @@ class Omniglot:
 
 FAMILIES = {"sinusoid": Sinusoid, "omniglot": Omniglot}
 
+# What the trainer calls on a family and reads from it (the module docstring); `family_class` checks them.
+INTERFACE_METHODS = (
+    "make_model",
+    "loss",
+    "task_metrics",
+    "eval_metrics",
+    "baseline",
+    "load_data",
+    "sample",
+    "heldout",
+)
+INTERFACE_ATTRIBUTES = ("baseline_name", "metric_names", "loss_metric", "keeps_eval_outputs")
+
+
+def _import(module_name: str, field: str):
+    """The module, or a ConfigError naming it and why it cannot be imported."""
+    from jax._src import xla_bridge
+
+    started = xla_bridge.backends_are_initialized()
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # Not found, a syntax error, or an error raised by the module's own code.
+        missing_self = isinstance(e, ModuleNotFoundError) and module_name.startswith(e.name or "\0")
+        hint = " (run from the folder that holds it, or add that folder to PYTHONPATH)" if missing_self else ""
+        raise config_lib.ConfigError(
+            f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {e}{hint}"
+        ) from e
+    if not started and xla_bridge.backends_are_initialized():
+        # Device settings (--cpu_devices, jax.distributed) must come before JAX starts its backends.
+        raise config_lib.ConfigError(
+            f"{field}: importing module {module_name!r} started JAX's backends (it creates JAX arrays at "
+            "import); create them inside the family's methods instead"
+        )
+    return module
+
+
+def family_class(name: str) -> type:
+    """The family class of `tasks.family`: a built-in one (FAMILIES) or the class at an import path
+    "module.path:ClassName", imported now. Raises ConfigError when the module cannot be imported, has no
+    such attribute, or the attribute is not a class with the family interface (each missing part named)."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    field = f"config field 'tasks.family' = {name!r}"
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise config_lib.ConfigError(
+            f"{field}: expected one of {sorted(FAMILIES)} or an import path 'module.path:ClassName'"
+        )
+    module = _import(module_name, field)
+    try:
+        family = functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        classes = sorted(
+            n
+            for n, v in vars(module).items()
+            if isinstance(v, type) and v.__module__ == module.__name__ and not n.startswith("_")
+        )
+        raise config_lib.ConfigError(
+            f"{field}: module {module_name!r} has no attribute {attribute!r} (its classes: {classes})"
+        ) from None
+    if not isinstance(family, type):
+        raise config_lib.ConfigError(
+            f"{field}: {attribute!r} is a {type(family).__name__}, not a class (a family is a class, "
+            "built as Family(config))"
+        )
+    methods = [m for m in INTERFACE_METHODS if not callable(getattr(family, m, None))]
+    attributes = [a for a in INTERFACE_ATTRIBUTES if not hasattr(family, a)]
+    if methods or attributes:
+        parts = [f"method(s) {methods}"] * bool(methods) + [f"class attribute(s) {attributes}"] * bool(attributes)
+        raise config_lib.ConfigError(
+            f"{field}: {attribute} does not provide the task family interface (trainer/families.py): missing "
+            + " and ".join(parts)
+        )
+    if family.loss_metric not in family.metric_names:
+        raise config_lib.ConfigError(
+            f"{field}: {attribute}.loss_metric = {family.loss_metric!r} is not one of its metric_names "
+            f"{tuple(family.metric_names)}"
+        )
+    return family
+
 
 def get_family(config: ml_collections.ConfigDict):
     """The family object of `config.tasks.family`."""
-    name = config.tasks.family
-    if name not in FAMILIES:
-        raise ValueError(f"config field 'tasks.family' = {name!r}: expected one of {sorted(FAMILIES)}")
-    return FAMILIES[name](config)
+    return family_class(config.tasks.family)(config)
