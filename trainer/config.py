@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ BACKENDS = ("shard_map", "pmap", "none")
 TASK_MAPPINGS = ("auto", "vmap", "map")
 ACTIVATIONS = ("swish", "relu", "tanh", "gelu")
 DTYPES = ("float32", "float64")
-FAMILIES = ("sinusoid", "omniglot")
+FAMILIES = ("sinusoid", "omniglot")  # Built-in task families; others by import path (trainer/families.py).
 NORMALIZATIONS = ("layer", "batch", "none")
 CONV_IMPLEMENTATIONS = ("xla", "patches")
 SPLITS = ("random", "background")
@@ -62,9 +63,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.normalization = "layer"
 
     c.tasks = ml_collections.ConfigDict()
-    # Task family, one of FAMILIES. sinusoid: y = amplitude * sin(frequency * x + phase) (the fields from
-    # amplitude_min to x_max); omniglot: N-way K-shot character classification (num_ways to rotate).
+    # Task family, one of FAMILIES or an import path "module.path:ClassName" of a class with the interface of
+    # trainer/families.py (README: "Add your own tasks"). sinusoid: y = amplitude * sin(frequency * x + phase)
+    # (the fields from amplitude_min to x_max); omniglot: N-way K-shot character classification (num_ways to
+    # rotate); an imported family: its own fields in tasks.options.
     c.tasks.family = "sinusoid"
+    # The fields of an imported family, tasks.options.<name>: those it declares (its `default_options`), the
+    # missing ones filled in with its defaults by validate(). Empty for the built-in families.
+    c.tasks.options = ml_collections.ConfigDict()
     c.tasks.amplitude_min = 0.1  # Amplitude range (the notebook's: [0.1, 0.5]).
     c.tasks.amplitude_max = 0.5
     c.tasks.frequency_min = 0.5  # Frequency range (the notebook calls it "phase": [0.5, pi]).
@@ -212,6 +218,14 @@ def omniglot_config(num_ways: int, num_shots: int) -> ml_collections.ConfigDict:
     return c
 
 
+def family_config(family: str) -> ml_collections.ConfigDict:
+    """The default config with an imported task family ("module.path:ClassName") and its default options in
+    tasks.options (so that `--config.tasks.options.<name>=...` can override them)."""
+    c = default_config()
+    c.tasks.family = family
+    return validate(c)
+
+
 def _choice(allowed: Sequence[str]) -> Callable[[Any], str | None]:
     def check(value):
         return None if value in allowed else f"one of {list(allowed)}"
@@ -262,6 +276,32 @@ def _str(value) -> str | None:
     return None if isinstance(value, str) else "a string (a path, or empty for the default)"
 
 
+def _family(value) -> str | None:
+    """A built-in name or "module.path:ClassName" (whether that imports is checked by `_validate_family`)."""
+    ok = value in FAMILIES or (isinstance(value, str) and re.fullmatch(r"[\w.]+:[\w.]+", value) is not None)
+    return None if ok else f"one of {list(FAMILIES)} or an import path 'module.path:ClassName'"
+
+
+def _options(value) -> str | None:
+    ok = isinstance(value, (ml_collections.ConfigDict, dict))
+    return None if ok else "a group of fields (tasks.options.<name>) of an imported task family"
+
+
+def _like(default) -> Callable[[Any], str | None]:
+    """The rule of an imported family's field: a value of its default's kind (an int is a valid float)."""
+    if isinstance(default, bool):
+        return _bool
+    if isinstance(default, int):
+        return lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
+    if isinstance(default, float):
+        return _finite
+    if isinstance(default, str):
+        return lambda v: None if isinstance(v, str) else "a string"
+    if isinstance(default, (tuple, list)):
+        return lambda v: None if isinstance(v, (tuple, list)) else "a sequence"
+    return lambda v: None
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "seed": _int(0),
     "compile_cache_dir": lambda v: None if isinstance(v, str) else 'a path, "" or "none"',
@@ -272,7 +312,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.conv_blocks": _int(1),
     "model.conv_impl": _choice(CONV_IMPLEMENTATIONS),
     "model.normalization": _choice(NORMALIZATIONS),
-    "tasks.family": _choice(FAMILIES),
+    "tasks.family": _family,
+    "tasks.options": _options,  # One field: its contents are the family's (`_validate_family`).
     "tasks.amplitude_min": _finite,
     "tasks.amplitude_max": _finite,
     "tasks.frequency_min": _finite,
@@ -340,7 +381,7 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, A
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict) and name != "tasks.options":
             flat.update(_flatten(value, name + "."))
         else:
             flat[name] = value
@@ -397,9 +438,52 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config field 'inner.tol' = {flat['inner.tol']} is unreachable in float32: "
             "expected >= 1e-7, or model.dtype = 'float64'"
         )
+    if flat["tasks.family"] not in FAMILIES:
+        _validate_family(config)
+    elif flat["tasks.options"]:
+        raise ConfigError(
+            f"config field 'tasks.options' = {dict(flat['tasks.options'])} is for imported task families; "
+            f"tasks.family = {flat['tasks.family']!r} has none (its fields are the other tasks.* fields)"
+        )
     if flat["tasks.family"] == "omniglot":
         _validate_omniglot(flat)
     return config
+
+
+def _validate_family(config: ml_collections.ConfigDict) -> None:
+    """Imports the family of tasks.family and checks it (trainer/families.py), then its fields in
+    tasks.options: none unknown, the missing ones filled in with its defaults, each of its default's kind,
+    and the family's own `check_config(config)` (a ValueError names the bad field)."""
+    # Imported here, not at the top: an imported family brings in JAX, a built-in one does not.
+    from trainer import families
+
+    name = config.tasks.family
+    family = families.family_class(name)
+    defaults = dict(getattr(family, "default_options", {}))
+    options = config.tasks.options
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {[f'tasks.options.{k}' for k in unknown]} of tasks.family = {name!r}; "
+            f"its fields: {[f'tasks.options.{k}' for k in sorted(defaults)]}"
+        )
+    with config.unlocked():  # Resolved here, so that config.json and checkpoints record every value.
+        for key, default in defaults.items():
+            if key not in options:
+                options[key] = copy.deepcopy(default)
+    for key, default in defaults.items():
+        expected = _like(default)(options[key])
+        if expected is not None:
+            raise ConfigError(
+                f"config field 'tasks.options.{key}' = {options[key]!r} is invalid: expected {expected} "
+                f"(the default of tasks.family = {name!r} is {default!r})"
+            )
+    check = getattr(family, "check_config", None)
+    if check is not None:
+        try:
+            check(config)
+        except ValueError as e:
+            raise ConfigError(f"tasks.family = {name!r}: {e}") from e
 
 
 # Omniglot's size, fixed by the data set (checked again when the data are loaded).
@@ -463,14 +547,26 @@ _NOT_MATHS = (
 )
 
 
-def maths_fields() -> tuple[str, ...]:
-    """Fields whose change alters the optimisation problem (refused on resume unless overridden)."""
+def maths_fields(config: ml_collections.ConfigDict | None = None) -> tuple[str, ...]:
+    """Fields whose change alters the optimisation problem (refused on resume unless overridden).
+
+    "tasks.options" stands for all of an imported family's fields; given the config, they are also named
+    one by one (tasks.options.<name>), as the flattened saved config has them.
+    """
     groups = ("seed", "model", "tasks", "inner", "meta_grad", "outer")
-    return tuple(
+    names = tuple(
         name
         for name in RULES
         if (name.split(".")[0] in groups or name == "train.meta_batch_size") and name not in _NOT_MATHS
     )
+    options = () if config is None else tuple(f"tasks.options.{k}" for k in sorted(config.tasks.options))
+    return names + options
+
+
+def known_field(name: str) -> bool:
+    """Whether `name` ("group.field") can be a config field: one of RULES, or an imported family's field
+    tasks.options.<name> (which ones the family declares is checked by validate())."""
+    return name in RULES or (name.startswith("tasks.options.") and len(name) > len("tasks.options."))
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

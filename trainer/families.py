@@ -198,8 +198,9 @@ def _import(module_name: str, field: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # Not found, a syntax error, or an error raised by the module's own code.
-        missing_self = isinstance(e, ModuleNotFoundError) and module_name.startswith(e.name or "\0")
-        hint = " (run from the folder that holds it, or add that folder to PYTHONPATH)" if missing_self else ""
+        missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+        itself = missing is not None and (module_name + ".").startswith(missing + ".")  # Not a dependency.
+        hint = " (run from the folder that holds it, or add that folder to PYTHONPATH)" if itself else ""
         raise config_lib.ConfigError(
             f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {e}{hint}"
         ) from e
@@ -244,7 +245,11 @@ def family_class(name: str) -> type:
     methods = [m for m in INTERFACE_METHODS if not callable(getattr(family, m, None))]
     attributes = [a for a in INTERFACE_ATTRIBUTES if not hasattr(family, a)]
     if methods or attributes:
-        parts = [f"method(s) {methods}"] * bool(methods) + [f"class attribute(s) {attributes}"] * bool(attributes)
+        parts = []
+        if methods:
+            parts.append(f"method(s) {methods}")
+        if attributes:
+            parts.append(f"class attribute(s) {attributes}")
         raise config_lib.ConfigError(
             f"{field}: {attribute} does not provide the task family interface (trainer/families.py): missing "
             + " and ".join(parts)

@@ -91,7 +91,7 @@ class Holder:
             host=socket.gethostname(),
             pid=os.getpid(),
             started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+            command=" ".join([os.path.basename(sys.executable), *getattr(sys, "orig_argv", sys.argv)[1:]]),
             process_start=_process_start(os.getpid()),
         )
 
