@@ -1,11 +1,14 @@
 """Task families: the sinusoid family is the old code path; the omniglot family's conv net, losses, implicit
-meta-gradient (against a dense Hessian solve and finite differences), evaluation and a short training run."""
+meta-gradient (against a dense Hessian solve and finite differences), evaluation and a short training run; a
+family imported by path (examples/polynomial.py) trains and evaluates end to end, and a family that cannot be
+imported or lacks part of the interface is one ConfigError naming what is wrong."""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +16,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from examples.polynomial import Polynomial
 from tests import helpers
+from trainer import checkpointing, evaluate, evaluation, executables, families, train
 from trainer import config as config_lib
-from trainer import evaluation, families, train
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
@@ -220,3 +224,208 @@ def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     assert "query_accuracy" in result.history[-1] and "support_accuracy" in result.history[-1]
     assert after["eval/adapted_acc"] - after["eval/adapted_acc_ci95"] > 0.2 + 0.1, after
     assert after["eval/adapted_acc"] > before["eval/adapted_acc"] + 0.05, (before, after)
+
+
+# A family imported by path: tasks.family = "module.path:ClassName", its fields in tasks.options.
+POLYNOMIAL = "examples.polynomial:Polynomial"
+
+
+# Fixed-step gradient descent compiles in a fraction of L-BFGS's time; its residuals stay above tol.
+FAST_SOLVER = {"inner.solver": "gd", "inner.maxiter": 10, "meta_grad.drop_tasks": "nonfinite"}
+
+
+def _polynomial_config(**overrides):
+    return helpers.small_config(**{"tasks.family": POLYNOMIAL, **overrides})
+
+
+def test_polynomial_tasks_are_their_polynomials_keyed_by_step_and_index():
+    family = families.get_family(_polynomial_config(**{"tasks.options.degree": 2}))
+    noisy = families.get_family(_polynomial_config(**{"tasks.options.noise_std": 0.5}))
+    assert isinstance(family, Polynomial) and family.name == "polynomial"
+    key = jax.random.PRNGKey(3)
+
+    @jax.jit  # One program for the three draws (compiling random sampling takes seconds).
+    def draw(key):
+        # Task 2 of step 5 alone, from its own key (trainer/tasks.py), then within a batch.
+        alone = family.sample_task(tasks_lib.task_keys(key, 5, jnp.arange(4))[2], jnp.float64)
+        tasks = family.sample(None, key, 5, jnp.arange(4), jnp.float64)
+        return alone, tasks, noisy.heldout(None, key, jnp.arange(200), jnp.float64)
+
+    alone, tasks, held = jax.tree.map(np.asarray, draw(key))
+    assert tasks["support_x"].shape == (4, 6, 1) and tasks["coefficients"].shape == (4, 3)
+    for i in range(4):
+        for part in ("support", "query"):
+            x = tasks[f"{part}_x"][i, :, 0]
+            assert np.all((x >= -1) & (x <= 1))
+            np.testing.assert_allclose(
+                tasks[f"{part}_y"][i, :, 0], np.polyval(tasks["coefficients"][i], x), rtol=1e-12
+            )
+    np.testing.assert_allclose(alone["query_y"], tasks["query_y"][2], rtol=1e-12)
+    exact = np.stack([np.polyval(held["coefficients"][i], held["query_x"][i, :, 0]) for i in range(200)])
+    assert np.std(held["query_y"][..., 0] - exact) == pytest.approx(0.5, rel=0.05)
+
+
+def test_imported_family_trains_and_evaluates_with_every_baseline(tmp_path):
+    workdir = str(tmp_path / "run")
+    result = train.train_and_evaluate(_polynomial_config(**FAST_SOLVER), workdir)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert all(np.isfinite(h["query_loss"]) for h in result.history)
+    saved = checkpointing.read_config(workdir)  # The resolved options: the family's defaults.
+    assert saved["tasks"]["family"] == POLYNOMIAL and saved["tasks"]["options"] == Polynomial.default_options
+
+    record = evaluate.evaluate_workdir(
+        workdir
+    )  # Through the checkpoint's config: the family is imported again.
+    assert record["step"] == 4 and record["family"] == POLYNOMIAL and record["metric_names"] == ["mse"]
+    assert list(record["methods"]) == ["adapted", "prior", "zero", "scratch_prox", "scratch"]
+    for method, values in record["methods"].items():
+        assert np.isfinite(values["mse"]["mean"]) and values["mse"]["ci95"] > 0, method
+        assert values["mse"]["mean"] == pytest.approx(result.eval_summary[f"eval/{method}_mse"], rel=1e-9)
+    # The prediction figure draws sinusoids; another family gets the training curves only.
+    assert [os.path.basename(path) for path in record["figures"]] == ["step_4_training.png"]
+
+
+def _module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+_INCOMPLETE = """
+    class Incomplete:
+        baseline_name = "zero"
+        loss_metric = "mse"
+
+        def __init__(self, config):
+            self.config = config
+
+        def make_model(self, config): ...
+        def loss(self, model, params, x, y): ...
+        def task_metrics(self, model, params, x, y): ...
+        def eval_metrics(self, model, params, x, y): ...
+        def baseline(self, task): ...
+        def load_data(self, config): ...
+"""
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        (
+            "no_such_family_module:Family",
+            r"cannot import module 'no_such_family_module': ModuleNotFoundError: No module named "
+            r"'no_such_family_module' \(run from the folder that holds it, or add that folder to PYTHONPATH\)",
+        ),
+        (
+            "family_needs_a_dependency:Family",
+            r"cannot import module 'family_needs_a_dependency': ModuleNotFoundError: No module named "
+            r"'not_installed_dependency'$",
+        ),
+        ("family_raises:Family", r"cannot import module 'family_raises': RuntimeError: boom at import"),
+        (
+            "examples.polynomial:Polynomal",
+            r"module 'examples.polynomial' has no attribute 'Polynomal' \(its classes: \['Polynomial'\]\)",
+        ),
+        ("examples.polynomial:families", r"'families' is a module, not a class"),
+        (
+            "family_incomplete:Incomplete",
+            r"Incomplete does not provide the task family interface \(trainer/families.py\): missing "
+            r"method\(s\) \['sample', 'heldout'\] and class attribute\(s\) \['metric_names', 'keeps_eval_outputs'\]",
+        ),
+        (
+            "examples.polynomial",
+            r"expected one of \['sinusoid', 'omniglot'\] or an import path 'module.path:ClassName'",
+        ),
+    ],
+)
+def test_a_family_that_cannot_be_used_is_one_config_error_naming_why(tmp_path, monkeypatch, family, expected):
+    _module(tmp_path, monkeypatch, "family_needs_a_dependency", "import not_installed_dependency\n")
+    _module(tmp_path, monkeypatch, "family_raises", "raise RuntimeError('boom at import')\n")
+    _module(tmp_path, monkeypatch, "family_incomplete", _INCOMPLETE)
+    with pytest.raises(config_lib.ConfigError, match=expected) as error:
+        config_lib.with_fields(helpers.small_config(), {"tasks.family": family})
+    assert "\n" not in str(error.value) and f"'tasks.family' = {family!r}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        (
+            {"tasks.options.degre": 2},
+            r"unknown config field\(s\) \['tasks.options.degre'\] of tasks.family = "
+            r"'examples.polynomial:Polynomial'; its fields: \['tasks.options.coefficient_std', 'tasks.options.degree'",
+        ),
+        ({"tasks.options.degree": 2.5}, r"'tasks.options.degree' = 2.5 is invalid: expected an integer"),
+        (
+            {"tasks.options.noise_std": "none"},
+            r"'tasks.options.noise_std' = 'none' is invalid: expected a finite",
+        ),
+        (
+            {"tasks.options.x_min": 2.0},
+            r"'tasks.options.x_min' = 2.0 must be < 'x_max' = 1.0",
+        ),  # check_config.
+        ({"tasks.options.degree": -1}, r"'tasks.options.degree' = -1: expected >= 0"),
+        (
+            {"tasks.family": "sinusoid", "tasks.options.degree": 3},
+            r"'tasks.options' .* is for imported task families",
+        ),
+    ],
+)
+def test_family_fields_are_checked_by_name(fields, expected):
+    with pytest.raises(config_lib.ConfigError, match=expected):
+        _polynomial_config(**fields)
+
+
+def test_family_fields_are_maths_fields_and_key_the_compiled_step():
+    config = _polynomial_config()
+    assert {"tasks.family", "tasks.options.degree", "tasks.options.noise_std"} <= set(
+        config_lib.maths_fields(config)
+    )
+    assert (
+        "tasks.options" in config_lib.maths_fields()
+    )  # All of them at once, for the callers without a config.
+    assert config_lib.known_field("tasks.options.degree") and not config_lib.known_field(
+        "tasks.optionz.degree"
+    )
+    cubic, quadratic = config, config_lib.with_fields(config, {"tasks.options.degree": 2})
+    assert executables.program_fields(cubic) != executables.program_fields(
+        quadratic
+    )  # Never the other's program.
+    assert config_lib.family_config(POLYNOMIAL).tasks.options.to_dict() == Polynomial.default_options
+
+
+def test_cli_trains_the_example_config_and_refuses_an_unusable_family(tmp_path):
+    done = helpers.run_cli(
+        [
+            "--config=configs/polynomial.py",
+            f"--workdir={tmp_path / 'run'}",
+            "--cpu_devices=0",
+            "--config.parallel.backend=none",
+            "--config.train.num_steps=2",
+            "--config.train.meta_batch_size=4",
+            *(f"--config.{name}={value}" for name, value in FAST_SOLVER.items()),
+            "--config.eval.num_tasks=4",
+            "--config.eval.every_steps=0",
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    assert "adapted" in done.stdout and "zero" in done.stdout
+
+    # A module that creates JAX arrays at import would start JAX before --cpu_devices and jax.distributed.
+    (tmp_path / "eager_family.py").write_text(
+        "import jax.numpy as jnp\nfrom examples.polynomial import Polynomial\nONE = jnp.ones(())\n"
+    )
+    for family, expected in (
+        ("no_such_family_module:Family", "cannot import module 'no_such_family_module'"),
+        ("eager_family:Polynomial", "importing module 'eager_family' started JAX's backends"),
+    ):
+        refused = helpers.run_cli(
+            [
+                "--config=configs/smoke.py",
+                f"--workdir={tmp_path / 'refused'}",
+                f"--config.tasks.family={family}",
+            ],
+            env_extra={"PYTHONPATH": f"{tmp_path}{os.pathsep}{helpers.REPO}"},
+        )
+        assert refused.returncode == 2 and expected in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "refused").exists()

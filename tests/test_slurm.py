@@ -79,6 +79,7 @@ def cluster(tmp_path_factory):
     try:  # A machine whose container cannot run the daemons says why and skips; the jobs' checks still fail.
         local.start(timeout_s=60)
     except slurm_cluster.ClusterError as e:
+        local.stop()
         pytest.skip(f"could not start a one-node SLURM cluster here: {e}")
     seconds = time.monotonic() - started
     print(f"started a one-node SLURM cluster ({local.name}, {local.cpus} CPUs) in {seconds:.1f} s")
