@@ -273,9 +273,7 @@ def test_imported_family_trains_and_evaluates_with_every_baseline(tmp_path):
     saved = checkpointing.read_config(workdir)  # The resolved options: the family's defaults.
     assert saved["tasks"]["family"] == POLYNOMIAL and saved["tasks"]["options"] == Polynomial.default_options
 
-    record = evaluate.evaluate_workdir(
-        workdir
-    )  # Through the checkpoint's config: the family is imported again.
+    record = evaluate.evaluate_workdir(workdir)  # From the checkpoint's config: the family imported again.
     assert record["step"] == 4 and record["family"] == POLYNOMIAL and record["metric_names"] == ["mse"]
     assert list(record["methods"]) == ["adapted", "prior", "zero", "scratch_prox", "scratch"]
     for method, values in record["methods"].items():
@@ -359,10 +357,8 @@ def test_a_family_that_cannot_be_used_is_one_config_error_naming_why(tmp_path, m
             {"tasks.options.noise_std": "none"},
             r"'tasks.options.noise_std' = 'none' is invalid: expected a finite",
         ),
-        (
-            {"tasks.options.x_min": 2.0},
-            r"'tasks.options.x_min' = 2.0 must be < 'x_max' = 1.0",
-        ),  # check_config.
+        # The family's own check_config.
+        ({"tasks.options.x_min": 2.0}, r"'tasks.options.x_min' = 2.0 must be < 'x_max' = 1.0"),
         ({"tasks.options.degree": -1}, r"'tasks.options.degree' = -1: expected >= 0"),
         (
             {"tasks.family": "sinusoid", "tasks.options.degree": 3},
@@ -377,19 +373,14 @@ def test_family_fields_are_checked_by_name(fields, expected):
 
 def test_family_fields_are_maths_fields_and_key_the_compiled_step():
     config = _polynomial_config()
-    assert {"tasks.family", "tasks.options.degree", "tasks.options.noise_std"} <= set(
-        config_lib.maths_fields(config)
-    )
-    assert (
-        "tasks.options" in config_lib.maths_fields()
-    )  # All of them at once, for the callers without a config.
-    assert config_lib.known_field("tasks.options.degree") and not config_lib.known_field(
-        "tasks.optionz.degree"
-    )
-    cubic, quadratic = config, config_lib.with_fields(config, {"tasks.options.degree": 2})
-    assert executables.program_fields(cubic) != executables.program_fields(
-        quadratic
-    )  # Never the other's program.
+    names = set(config_lib.maths_fields(config))
+    assert {"tasks.family", "tasks.options.degree", "tasks.options.noise_std"} <= names
+    assert "tasks.options" in config_lib.maths_fields()  # All of them at once, for callers without a config.
+    assert config_lib.known_field("tasks.options.degree")
+    assert not config_lib.known_field("tasks.optionz.degree")
+    # A compiled train step is never loaded for a config with other options.
+    quadratic = config_lib.with_fields(config, {"tasks.options.degree": 2})
+    assert executables.program_fields(config) != executables.program_fields(quadratic)
     assert config_lib.family_config(POLYNOMIAL).tasks.options.to_dict() == Polynomial.default_options
 
 

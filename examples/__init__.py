@@ -1,0 +1,1 @@
+"""Worked examples of extending the trainer from outside `trainer/` (README: "Add your own tasks")."""
