@@ -5,6 +5,7 @@ imported or lacks part of the interface is one ConfigError naming what is wrong.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -396,10 +397,18 @@ def test_cli_trains_the_example_config_and_refuses_an_unusable_family(tmp_path):
             *(f"--config.{name}={value}" for name, value in FAST_SOLVER.items()),
             "--config.eval.num_tasks=4",
             "--config.eval.every_steps=0",
+            "--config.tasks.options.degree=2",  # A family field, overridden like any other.
         ]
     )
     assert done.returncode == 0, done.stderr
     assert "adapted" in done.stdout and "zero" in done.stdout
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["tasks"]["options"]["degree"] == 2
+    # Resuming with another value of a family field changes the maths: refused, naming it.
+    again = helpers.run_cli(
+        ["--config=configs/polynomial.py", f"--workdir={tmp_path / 'run'}", "--config.tasks.options.degree=4"]
+    )
+    assert again.returncode == 1 and "tasks.options.degree (saved 2, now 4)" in again.stderr, again.stderr
 
     # A module that creates JAX arrays at import would start JAX before --cpu_devices and jax.distributed.
     (tmp_path / "eager_family.py").write_text(
@@ -420,3 +429,17 @@ def test_cli_trains_the_example_config_and_refuses_an_unusable_family(tmp_path):
         assert refused.returncode == 2 and expected in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_imported_family_s_source_is_part_of_the_compiled_step_s_fingerprint(tmp_path, monkeypatch):
+    """Its loss is traced into the step: editing its module must not load the old executable."""
+    from trainer import executables
+
+    module = tmp_path / "edited_family.py"
+    module.write_text("from examples.polynomial import Polynomial\n\n\nclass Edited(Polynomial):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = config_lib.family_config("edited_family:Edited")
+    assert executables._family_source_digest(helpers.small_config()) == ""  # Built-in: the trainer's source.
+    before = executables._family_source_digest(config)
+    module.write_text(module.read_text() + "# an edit\n")
+    assert before and executables._family_source_digest(config) != before

@@ -104,7 +104,7 @@ def differing_maths_fields(saved: dict[str, Any], current: ml_collections.Config
     `train.num_steps` counts only under a decaying learning-rate schedule, whose length it sets.
     """
     current_dict = config_lib.to_dict(current)
-    names = list(config_lib.maths_fields())
+    names = list(config_lib.maths_fields(current))
     schedules = (_flat(saved).get("outer.schedule"), _flat(current_dict).get("outer.schedule"))
     if "constant" not in schedules:
         names.append("train.num_steps")

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,18 @@ def _cpu_description() -> str:
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
 
 
+def _family_source_digest(config: ml_collections.ConfigDict) -> str:
+    """SHA-256 of an imported task family's module ("" for the built-in ones, covered by _source_digest):
+    its loss is traced into the step, so an edit must not load the old program."""
+    if config.tasks.family in config_lib.FAMILIES:
+        return ""
+    from trainer import families
+
+    module = sys.modules[families.family_class(config.tasks.family).__module__]
+    with open(module.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _abstract(args: Any) -> str:
     """The inputs' tree structure, shapes, dtypes and shardings (what a compiled program is specialised to)."""
     leaves, treedef = jax.tree.flatten(args)
@@ -103,6 +116,7 @@ def fingerprint(config: ml_collections.ConfigDict, devices: list[jax.Device], ar
     client = devices[0].client
     parts = {
         "source": _source_digest(),
+        "family_source": _family_source_digest(config),
         "config": program_fields(config),
         "versions": {name: _version(name) for name in _PACKAGES},
         "platform": [client.platform, client.platform_version, jax.process_count(), jax.process_index()],

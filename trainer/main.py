@@ -195,7 +195,7 @@ def _unknown_override(argv: list[str]) -> str | None:
         if not arg.startswith("--config."):
             continue
         name = arg[len("--config.") :].split("=", 1)[0]
-        if name not in config_lib.RULES:
+        if not config_lib.known_field(name):
             group = name.rpartition(".")[0]
             known = sorted(f for f in config_lib.RULES if f.rpartition(".")[0] == group) or sorted(
                 config_lib.RULES

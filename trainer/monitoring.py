@@ -159,7 +159,7 @@ def experiment_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | in
     where things are written, how often and on how many devices are left out."""
     from trainer import config as config_lib
 
-    names = set(config_lib.maths_fields()) | set(HPARAM_SIZES)
+    names = set(config_lib.maths_fields(config)) | set(HPARAM_SIZES)
     return {name: value for name, value in flat_hparams(config).items() if name in names}
 
 
