@@ -266,15 +266,22 @@ def test_polynomial_tasks_are_their_polynomials_keyed_by_step_and_index():
     assert np.std(held["query_y"][..., 0] - exact) == pytest.approx(0.5, rel=0.05)
 
 
-def test_imported_family_trains_and_evaluates_with_every_baseline(tmp_path):
+def test_imported_family_trains_and_evaluates_with_every_baseline(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
+    built = []  # Training and evaluation build the family's own model.
+    make_model = Polynomial.make_model
+    monkeypatch.setattr(
+        Polynomial, "make_model", lambda self, config: built.append(1) or make_model(self, config)
+    )
     result = train.train_and_evaluate(_polynomial_config(**FAST_SOLVER), workdir)
+    assert len(built) == 1
     assert [h["step"] for h in result.history] == [1, 2, 3, 4]
     assert all(np.isfinite(h["query_loss"]) for h in result.history)
     saved = checkpointing.read_config(workdir)  # The resolved options: the family's defaults.
     assert saved["tasks"]["family"] == POLYNOMIAL and saved["tasks"]["options"] == Polynomial.default_options
 
     record = evaluate.evaluate_workdir(workdir)  # From the checkpoint's config: the family imported again.
+    assert len(built) == 2
     assert record["step"] == 4 and record["family"] == POLYNOMIAL and record["metric_names"] == ["mse"]
     assert list(record["methods"]) == ["adapted", "prior", "zero", "scratch_prox", "scratch"]
     for method, values in record["methods"].items():

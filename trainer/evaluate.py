@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from trainer import checkpointing, evaluation, monitoring, omniglot, optim, studies, train
+from trainer import checkpointing, evaluation, families, monitoring, omniglot, optim, studies, train
 from trainer import config as config_lib
 from trainer import figures as figures_lib
 from trainer import model as model_lib
@@ -154,7 +154,7 @@ def load_run(
         if num_tasks is not None:
             config.eval.num_tasks = num_tasks
         train.configure_jax(config)
-        model = model_lib.make_model(config)
+        model = families.get_family(config).make_model(config)
         keys = tasks_lib.split_keys(config.seed)
         optimizer, _ = optim.make_optimizer(config)
         template = jax.tree.map(

@@ -278,10 +278,10 @@ def _train_and_evaluate(
     # From here on SIGTERM/SIGINT stop the run at the next step boundary (start-up and compilation too).
     preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
     dtype = model_lib.dtype_of(config)
-    model = model_lib.make_model(config)
+    family = families.get_family(config)
+    model = family.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
     optimizer, schedule = optim.make_optimizer(config)
-    family = families.get_family(config)
     best_metric = config.checkpoint.best_metric
     if best_metric:  # Checked before anything is compiled.
         known = [f"eval/{m}_{n}" for m in evaluation.methods(family) for n in family.metric_names]
