@@ -29,22 +29,21 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import helpers, slurm_cluster
+from tests.test_multiprocess import TRAIN_FLAGS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
 
 NUM_STEPS = 100  # ~40 ms a step: a few seconds of training, so that a scancel after step 1 lands mid-run.
-# The overrides of tests/test_multiprocess.py (well-conditioned, converged), plus periodic checkpoints.
+# The overrides of tests/test_multiprocess.py (well-conditioned, converged), with more steps and periodic
+# checkpoints (the config file itself comes from the job's CONFIG).
 TRAIN_ARGS = [
+    *(
+        f
+        for f in TRAIN_FLAGS
+        if not f.startswith(("--config=", "--config.train.num_steps=", "--config.checkpoint."))
+    ),
     f"--config.train.num_steps={NUM_STEPS}",
-    "--config.inner.l2reg=1.0",
-    "--config.inner.tol=1e-10",
-    "--config.inner.maxiter=500",
-    "--config.meta_grad.solver_tol=1e-12",
-    "--config.meta_grad.solver_maxiter=200",
-    "--config.eval.every_steps=0",
-    "--config.eval.num_tasks=2",
     "--config.checkpoint.every_steps=25",
-    "--config.logging.every_steps=1",
 ]
 # What the job's resources are, as the issue submits it; --output and --time keep the test tidy and bounded
 # (a job left behind by a killed test ends by itself).

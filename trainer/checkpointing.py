@@ -182,7 +182,7 @@ def _sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-class Checkpointer:
+class Checkpointer(workdir_lib.Closing):
     """`ocp.CheckpointManager` over `<workdir>/checkpoints`, saving host-side train states asynchronously.
 
     A context manager: leaving it (or `close()`) waits for pending saves.
@@ -381,18 +381,6 @@ class Checkpointer:
         with self._saving(self._in_flight or 0):
             self.manager.wait_until_finished()
         self._in_flight = None
-
-    def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:  # The run already failed: finish what can be saved without hiding that first error.
-            self.close()
-        except Exception:
-            pass
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager; safe to call twice."""

@@ -218,7 +218,7 @@ class CompileTimer:
         self.stop()
 
 
-class MetricsWriter:
+class MetricsWriter(workdir_lib.Closing):
     """Writes scalars to metrics.jsonl and TensorBoard, figures, and lines or a progress bar to the terminal.
 
     With `enabled=False` (every process but 0) it writes nothing anywhere.
@@ -370,18 +370,6 @@ class MetricsWriter:
             self._bar.write(message, file=self._stream)
         else:
             print(message, file=self._stream, flush=True)
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:  # The run already failed: close what can be closed without hiding that first error.
-            self.close()
-        except OSError:
-            pass
 
     def close(self) -> None:
         """Finishes the progress bar and the event files; raises OSError if events could not be written."""

@@ -203,6 +203,23 @@ class WorkdirLock:
         return self._fd is not None
 
 
+class Closing:
+    """Context-manager mixin for an object with `close()`: closed on exit; when the block already failed, a
+    `close()` that fails too (a full disk) does not replace that first error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> str:
     """Calls `write` on a new file that replaces `path` only once complete; returns `path`.
 
