@@ -77,6 +77,22 @@ def test_cli_rejects_unknown_key_before_any_work(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "config, option, expected",
+    [
+        ("configs/smoke.py", "degree", "declares no such option"),
+        ("configs/polynomial.py", "degre", "did you mean tasks.options.degree?"),
+    ],
+)
+def test_cli_names_a_family_option_the_family_does_not_declare(tmp_path, config, option, expected):
+    proc = helpers.run_cli(
+        [f"--config={config}", f"--workdir={tmp_path}/w", f"--config.tasks.options.{option}=2"]
+    )
+    assert proc.returncode == 2 and f"unknown config field 'tasks.options.{option}'" in proc.stderr
+    assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("case", ["missing file", "syntax error", "wrong type", "no workdir"])
 def test_cli_input_errors_are_one_line_with_status_2(tmp_path, case):
     broken = tmp_path / "broken.py"

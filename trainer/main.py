@@ -9,6 +9,7 @@ after saving a checkpoint.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import warnings
@@ -204,6 +205,23 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _unknown_option(argv: list[str], error: Exception) -> str | None:
+    """The message for a `--config.tasks.options.<name>` the config's family does not declare (ml_collections
+    raises AttributeError naming only the key)."""
+    if not isinstance(error, (AttributeError, KeyError)):
+        return None
+    for arg in argv[1:]:
+        name = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.tasks.options.") else ""
+        if name and name.rpartition(".")[2] in str(error):
+            suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+            hint = f"; did you mean tasks.options.{suggestion.group(1)}?" if suggestion else ""
+            return (
+                f"unknown config field '{name}' (from --config.{name}): the config's tasks.family declares no "
+                f"such option (an imported family's default_options; the built-in families have none){hint}"
+            )
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every user error as one line on stderr and exit status 2 (no traceback):
     an unknown config field, a value of the wrong type, a missing or broken config file, a missing flag."""
@@ -214,7 +232,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         except flags.Error as e:
             message = str(e)
         except Exception as e:  # Raised while loading the config file: missing, syntax error, bad code.
-            message = f"cannot load the config file (--config): {type(e).__name__}: {e}"
+            message = _unknown_option(argv, e) or (
+                f"cannot load the config file (--config): {type(e).__name__}: {e}"
+            )
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
