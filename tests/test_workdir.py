@@ -257,3 +257,17 @@ def test_sigterm_during_start_up_exits_75_with_nothing_saved(tmp_path, moment):
     assert "preempted: SIGTERM" in err and "nothing" in err and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
     assert not os.path.exists(tmp_path / workdir.LOCK_NAME)
+
+
+def test_a_full_disk_reported_by_tensorstore_is_named_as_such():
+    """Orbax's save on a full disk can fail in tensorstore (RESOURCE_EXHAUSTED, the OS error past 400 chars)."""
+    from trainer import checkpointing
+
+    long = (
+        'RESOURCE_EXHAUSTED: Error writing local file "'
+        + "/x" * 300
+        + '": [OS error: No space left on device]'
+    )
+    line = checkpointing._one_line(ValueError(long))
+    assert line.startswith("No space left on device (RESOURCE_EXHAUSTED") and len(line) < 500
+    assert checkpointing._one_line(OSError(28, "No space left on device")) == "No space left on device"

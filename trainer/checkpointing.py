@@ -152,7 +152,11 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     )  # A page of JSON naming no more than the path.
     if isinstance(error, OSError) and error.strerror:
         text = error.strerror
-    return text if len(text) <= limit else text[:limit] + "..."
+    short = text if len(text) <= limit else text[:limit] + "..."
+    # tensorstore reports a full disk as RESOURCE_EXHAUSTED, with the OS error at the end of a long message.
+    if "No space left on device" not in short and ("RESOURCE_EXHAUSTED" in text or "No space left" in text):
+        short = f"No space left on device ({short})"
+    return short
 
 
 def _retention(max_to_keep: int, best_metric: str, best_mode: str) -> dict[str, Any]:
