@@ -539,7 +539,6 @@ def check_device_count(config: ml_collections.ConfigDict, num_devices: int) -> N
 # Where the data come from does not change them (every source is checked to give the same arrays); when a
 # run stops for dropped tasks is decided on the host and does not change any update.
 _NOT_MATHS = (
-    "train.init_from",  # Decides the start of a fresh run only; a resume starts from its own checkpoint.
     "tasks.data_dir",
     "tasks.cache_dir",
     "meta_grad.max_dropped_fraction",
