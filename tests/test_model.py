@@ -45,3 +45,20 @@ def test_patch_conv_vmapped_over_tasks_with_their_own_weights():
     for t in range(3):
         one = jax.tree.map(lambda a, t=t: a[t], params_T)
         np.testing.assert_allclose(out_xla[t], xla.apply(one, x_T[t]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "size,strides,padding", [(28, 2, "SAME"), (7, 2, "SAME"), (9, 1, "SAME"), (8, 2, "VALID")]
+)
+def test_image_patches_equal_xla_patches(size, strides, padding):
+    """The strided-slice patches are lax.conv_general_dilated_patches' ([C, kh, kw]-ordered) up to the order
+    of the features, at even and odd sizes, strides 1 and 2, SAME and VALID padding; bitwise (no arithmetic)."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, size, size, 3), jnp.float32)
+    ours = model_lib.image_patches(x, (3, 3), strides, padding)
+    ref = jax.lax.conv_general_dilated_patches(
+        x, (3, 3), (strides, strides), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    ref = (
+        ref.reshape(*ref.shape[:3], 3, 3, 3).transpose(0, 1, 2, 4, 5, 3).reshape(ref.shape)
+    )  # -> (kh, kw, C)
+    np.testing.assert_array_equal(ours, ref)

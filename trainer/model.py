@@ -36,13 +36,33 @@ class MLP(nn.Module):
         return x_BxD
 
 
+def image_patches(
+    x_BxHxWxC: jax.Array, kernel_size: tuple[int, int], strides: int, padding: str
+) -> jax.Array:
+    """Each output position's receptive field, [B, H', W', kh * kw * C] ordered (row, column, channel).
+
+    Padding as `jax.lax.conv_general_dilated`'s "SAME" (zeros, the odd one at the end) or "VALID". Built from
+    kh * kw strided slices of the padded image: data movement only, so its gradient is cheap too.
+    """
+    (kh, kw), (_, h, w, _) = kernel_size, x_BxHxWxC.shape
+    pads = jax.lax.padtype_to_pads((h, w), (kh, kw), (strides, strides), padding)
+    x = jnp.pad(x_BxHxWxC, ((0, 0), *pads, (0, 0)))
+    out_h = (x.shape[1] - kh) // strides + 1
+    out_w = (x.shape[2] - kw) // strides + 1
+    windows = [
+        x[:, i : i + strides * (out_h - 1) + 1 : strides, j : j + strides * (out_w - 1) + 1 : strides, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.concatenate(windows, axis=-1)
+
+
 class PatchConv(nn.Module):
     """A 2-D convolution as image patches times a weight matrix: `nn.Conv`'s maths, parameters and init.
 
-    `jax.lax.conv_general_dilated_patches` gathers each output position's receptive field ([C, kh, kw]
-    ordered channels), and one matmul with the kernel reshaped to [C * kh * kw, features] gives the output.
-    The parameters are nn.Conv's (`kernel` [kh, kw, C, features], `bias` [features], same initialisers), so
-    either implementation reads the other's checkpoints.
+    `image_patches` gathers each output position's receptive field and one matmul with the kernel reshaped
+    to [kh * kw * C, features] gives the output. The parameters are nn.Conv's (`kernel` [kh, kw, C,
+    features], `bias` [features], same initialisers), so either implementation reads the other's checkpoints.
     """
 
     features: int
@@ -62,14 +82,8 @@ class PatchConv(nn.Module):
             self.param_dtype,
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-        patches = jax.lax.conv_general_dilated_patches(
-            x_BxHxWxC.astype(self.dtype),
-            filter_shape=self.kernel_size,
-            window_strides=(self.strides, self.strides),
-            padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        weights = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, self.features).astype(self.dtype)
+        patches = image_patches(x_BxHxWxC.astype(self.dtype), self.kernel_size, self.strides, self.padding)
+        weights = kernel.reshape(-1, self.features).astype(self.dtype)
         return patches @ weights + bias.astype(self.dtype)
 
 
