@@ -51,8 +51,8 @@ TIGHT = {
 }
 
 
-def _exact_implicit_grad(config, model, theta, task):
-    """lambda (H + lambda I)^{-1} grad L_query(x*) with a dense Hessian and a dense solve."""
+def _exact_implicit_grad(config, model, theta, task, damping=0.0):
+    """lambda (H + (lambda + damping) I)^{-1} grad L_query(x*) with a dense Hessian and a dense solve."""
     lam = config.inner.l2reg
     problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=lam)
     solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
@@ -63,7 +63,7 @@ def _exact_implicit_grad(config, model, theta, task):
     g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star))[
         0
     ]
-    return unravel(lam * jnp.linalg.solve(hessian + lam * jnp.eye(x_flat.size), g_query))
+    return unravel(lam * jnp.linalg.solve(hessian + (lam + damping) * jnp.eye(x_flat.size), g_query))
 
 
 @pytest.mark.parametrize("l2reg", [0.1, 1.0])
@@ -73,6 +73,16 @@ def test_implicit_matches_dense_hessian_solve(l2reg):
     grad, metrics = _meta_grad_fn(config, model)(theta, task)
     assert float(metrics["inner_converged"]) == 1.0
     assert _rel_err(grad, _exact_implicit_grad(config, model, theta, task)) < 1e-4
+
+
+def test_damped_implicit_gradient_matches_the_damped_dense_solve():
+    """meta_grad.damping adds to the diagonal of the solve only (the inner solution is the same): the
+    result is the dense lambda (H + (lambda + damping) I)^{-1} g, and differs from the undamped one."""
+    config, model, theta, batch = _setup(**TIGHT, **{"meta_grad.damping": 3.0})
+    task = _task(batch, 0)
+    grad, _ = _meta_grad_fn(config, model)(theta, task)
+    assert _rel_err(grad, _exact_implicit_grad(config, model, theta, task, damping=3.0)) < 1e-4
+    assert _rel_err(grad, _exact_implicit_grad(config, model, theta, task)) > 1e-2
 
 
 def test_implicit_matches_finite_differences_of_solution_map():

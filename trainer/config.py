@@ -116,6 +116,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.meta_grad.linear_solver = "cg"
     c.meta_grad.solver_maxiter = 200  # Iteration cap of that linear solve.
     c.meta_grad.solver_tol = 1e-10  # Its tolerance (jaxopt's default, 1e-5, is far too loose: PITFALLS.md).
+    # Added to the diagonal of that matrix: 0 is the exact implicit gradient lambda (H + lambda I)^{-1} g; a
+    # positive damping keeps the solve well posed when the inner loss is non-convex (H has eigenvalues below
+    # -lambda, e.g. a few fixed steps of a conv net) and few CG steps are taken, but biases the gradient.
+    c.meta_grad.damping = 0.0
     # Tasks left out of a step's meta-gradient mean, one of DROP_POLICIES: "unusable" drops a task whose
     # inner solve returned a non-finite value or a residual above drop_residual_factor * inner.tol (its
     # implicit gradient is not a gradient); "nonfinite" drops only NaN/inf tasks; "none" keeps every task
@@ -134,6 +138,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.outer.warmup_steps = 0  # Linear warm-up steps (warmup_cosine only).
     c.outer.grad_clip_norm = 0.0  # Clip the meta-gradient to this global norm; 0 disables clipping.
     c.outer.weight_decay = 0.0  # Decoupled weight decay (adamw only).
+    # Adam's epsilon (adam, adamw), added to the root of the second moment: optax's default 1e-8 makes each
+    # update about learning_rate in size whatever the gradient's scale; larger values damp the updates of
+    # parameters whose gradients are small (the official iMAML code uses 1e-3).
+    c.outer.adam_eps = 1e-8
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 500  # Number of meta-steps (outer updates).
@@ -359,6 +367,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "outer.warmup_steps": _int(0),
     "outer.grad_clip_norm": _non_negative,
     "outer.weight_decay": _non_negative,
+    "outer.adam_eps": _positive,
+    "meta_grad.damping": _non_negative,
     "train.num_steps": _int(1),
     "train.meta_batch_size": _int(1),
     "parallel.backend": _choice(BACKENDS),

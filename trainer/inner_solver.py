@@ -98,9 +98,14 @@ LINEAR_SOLVES = {
 }
 
 
-def make_linear_solve(name: str, tol: float, maxiter: int) -> Callable:
-    """The solve for (H + lambda I) v = g used by implicit differentiation, with explicit tolerance and cap."""
-    return functools.partial(LINEAR_SOLVES[name], tol=tol, maxiter=maxiter)
+def make_linear_solve(name: str, tol: float, maxiter: int, damping: float = 0.0) -> Callable:
+    """The solve for (H + lambda I + damping I) v = g used by implicit differentiation, with explicit
+    tolerance and cap. `damping` = 0 is the exact implicit gradient; > 0 keeps the matrix positive definite
+    where H has eigenvalues below -lambda (a non-convex inner loss), at the price of a biased gradient."""
+    solve = functools.partial(LINEAR_SOLVES[name], tol=tol, maxiter=maxiter)
+    if damping == 0:
+        return solve
+    return lambda matvec, b, **kwargs: solve(lambda v: matvec(v) + damping * v, b, **kwargs)
 
 
 def flat_problem(problem: InnerProblem, theta: Params):

@@ -41,7 +41,9 @@ def make_inner_solver(
         )
     linear_solve = None
     if differentiable and mg.estimator == "implicit":
-        linear_solve = inner_lib.make_linear_solve(mg.linear_solver, mg.solver_tol, mg.solver_maxiter)
+        linear_solve = inner_lib.make_linear_solve(
+            mg.linear_solver, mg.solver_tol, mg.solver_maxiter, mg.damping
+        )
     if inner.solver == "gd":
         return inner_lib.GradientDescentSolver(
             maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.gd_stepsize, linear_solve=linear_solve

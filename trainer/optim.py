@@ -23,9 +23,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     outer = config.outer
     schedule = learning_rate_schedule(outer, config.train.num_steps)
     if outer.optimizer == "adam":
-        tx = optax.adam(schedule)
+        tx = optax.adam(schedule, eps=outer.adam_eps)
     elif outer.optimizer == "adamw":
-        tx = optax.adamw(schedule, weight_decay=outer.weight_decay)
+        tx = optax.adamw(schedule, eps=outer.adam_eps, weight_decay=outer.weight_decay)
     elif outer.optimizer == "sgd":
         tx = optax.sgd(schedule)
     else:
