@@ -2,8 +2,9 @@
 
 5 characters per task, 5 support and 5 query images per character, 28x28, each class rotated by a random
 multiple of 90 degrees; 1200 characters for meta-training, the other 423 for the 600 held-out test tasks.
-Settings in trainer/config.py:omniglot_config (lambda 2.0, 5 CG steps, meta-batch 32, Adam 1e-3, float32;
-L-BFGS inner solves where the paper takes fixed gradient steps).
+Settings in trainer/config.py:omniglot_config (iMAML-GD's fixed inner gradient steps, 5 CG steps, meta-batch
+32, Adam 1e-3, batch statistics, float32; lambda 0.5 and a damped implicit solve where the paper has lambda 2:
+RESULTS.md); `--config.inner.solver=lbfgs` solves the inner problems with L-BFGS instead.
 
 Run:  python -m trainer.main --config=configs/omniglot_5way5shot.py --workdir=runs/omniglot_5way5shot
 (the archives are downloaded into ~/.cache/imaml_trainer/omniglot on first use; offline, add
