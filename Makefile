@@ -7,7 +7,7 @@ WORKDIR ?= runs/sinusoid
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train evaluate test test-fast lint format bench bench-omniglot bench-quick tensorboard clean
+.PHONY: install train evaluate test test-fast lint format bench bench-omniglot bench-gpu bench-quick tensorboard clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench: $(VENV)/.installed  ## Benchmarks: writes a table to stdout and bench/res
 
 bench-omniglot: $(VENV)/.installed  ## The Omniglot meta-step per inner solver, convolution and task mapping.
 	$(PY) -m bench.omniglot $(ARGS)
+
+bench-gpu: $(VENV)/.installed  ## Install JAX's CUDA build (JAX_CUDA=cuda12|cuda13 to choose), time the meta-step on one GPU (7-minute budget).
+	$(PY) -m bench.accelerator --install --platform gpu $(ARGS)
 
 bench-quick: $(VENV)/.installed
 	$(PY) -m bench.run --quick $(ARGS)

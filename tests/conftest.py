@@ -7,6 +7,8 @@ import tempfile
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# The suite runs on the CPU, also where a GPU build of JAX is installed (`make bench-gpu`).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache shared by the tests and the subprocesses they start: identical programs
 # (the same small config compiled by several tests) compile once per session.
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="imaml-test-jax-cache-"))
