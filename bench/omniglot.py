@@ -4,6 +4,7 @@ convolution implementation and task mapping, measured in one process (ratios wit
     python -m bench.omniglot                      # the paper setting: 5-way 1-shot, 4 x 64 conv, 32 tasks
     python -m bench.omniglot --width 32 --meta-batch 16
     python -m bench.omniglot --variants lbfgs/xla/map,gd/patches/map --steps 3
+    python -m bench.omniglot --quick --json rows.json   # a tiny net: a smoke check (make bench --quick)
 
 Images are random (the step's cost does not depend on them), so no data set is needed. The step is the
 trainer's own (parallel.make_backend, shard_map over `--devices` CPU devices, one per usable core by
@@ -11,13 +12,19 @@ default). FLOPs are counted by XLA's cost analysis of loop-free pieces of the mo
 (the same count for every variant): one evaluation of the support loss
 with its gradient (an inner iteration costs one or more: `inner/evaluations_mean` counts them), one
 Hessian-vector product (one per CG step), the query gradient; a while loop's body would be counted once.
+The machine's attainable float32 rate ("peak") is measured beside it: a large matmul on every device at once.
+`make bench` runs this module in a subprocess per setting (`section`), so its devices and dtype are its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -42,10 +49,31 @@ from trainer import optim, parallel  # noqa: E402
 from trainer import tasks as tasks_lib  # noqa: E402
 from trainer import train_step as train_step_lib  # noqa: E402
 
-DEFAULT_VARIANTS = ("lbfgs/xla/map", "gd/xla/map", "lbfgs/patches/map", "gd/patches/map", "gd/patches/vmap")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_VARIANTS = (
+    "lbfgs/xla/map",
+    "gd/xla/map",
+    "lbfgs/patches/map",
+    "gd/patches/map",
+    "lbfgs/patches/vmap",
+    "gd/patches/vmap",
+)
+SETTINGS = ((64, 32), (32, 16))  # (conv width, meta-batch): the paper's setting, then the cheaper one.
+# --quick: a net that compiles in seconds (a smoke check of the measurement; its numbers mean little).
+QUICK_SETTINGS = ((8, 4),)
+QUICK_OVERRIDES = {
+    "model.conv_blocks": 1,
+    "tasks.image_size": 14,
+    "inner.maxiter": 2,
+    "inner.linesearch": "backtracking",
+    "meta_grad.solver_maxiter": 1,
+}
+QUICK_VARIANTS = ("lbfgs/xla/map", "gd/patches/vmap")  # Each solver, convolution and mapping once.
 
 
-def make_config(width: int, meta_batch: int, solver: str, conv: str, mapping: str, devices: int):
+def make_config(
+    width: int, meta_batch: int, solver: str, conv: str, mapping: str, devices: int, overrides=None
+):
     c = config_lib.omniglot_config(num_ways=5, num_shots=1)
     return config_lib.with_fields(
         c,
@@ -56,8 +84,23 @@ def make_config(width: int, meta_batch: int, solver: str, conv: str, mapping: st
             "train.meta_batch_size": meta_batch,
             "parallel.task_mapping": mapping,
             "parallel.num_devices": devices,
+            **(overrides or {}),
         },
     )
+
+
+def peak_gflops(size: int = 1536, reps: int = 5) -> float:
+    """float32 GFLOP/s of a size x size matmul on every local device at once (median of `reps`)."""
+    n = jax.local_device_count()
+    a = jnp.ones((n, size, size), jnp.float32)
+    matmul = jax.pmap(lambda x: x @ x)
+    jax.block_until_ready(matmul(a))
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        times.append(time.perf_counter() - started)
+    return n * 2 * size**3 / float(np.median(times)) / 1e9
 
 
 def _synthetic_data(config, rng):
@@ -147,35 +190,92 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--meta-batch", type=int, default=32)
     parser.add_argument("--devices", type=int, default=len(jax.devices()))
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) call")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="solver/conv/mapping,...")
+    parser.add_argument("--variants", help="solver/conv/mapping,... (default: DEFAULT_VARIANTS)")
+    parser.add_argument("--quick", action="store_true", help="a tiny net: a smoke check, not a measurement")
+    parser.add_argument("--json", help="also write the rows and the machine's peak as JSON to this file")
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)
+    variants = args.variants or ",".join(QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
+    overrides = QUICK_OVERRIDES if args.quick else None
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants.split(","):
         solver, conv, mapping = variant.split("/")
-        config = make_config(args.width, args.meta_batch, solver, conv, mapping, args.devices)
+        config = make_config(args.width, args.meta_batch, solver, conv, mapping, args.devices, overrides)
         log(f"omniglot bench: {variant} ...")
         row = {"variant": variant, **measure(config, args.steps, log)}
         log(
             f"  {row['step_s']:.3f} s/step, {row['evaluations_per_task']:.1f} evaluations/task, {row['gflops']:.1f} GFLOP/s"
         )
         rows.append(row)
+    peak = peak_gflops(256 if args.quick else 1536)
+    result = dict(
+        width=args.width,
+        meta_batch=args.meta_batch,
+        devices=args.devices,
+        steps=args.steps,
+        quick=args.quick,
+        platform=jax.default_backend(),
+        peak_gflops=peak,
+        rows=rows,
+    )
+    print("\n".join(table(result)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return rows
+
+
+def table(result: dict) -> list[str]:
+    """Markdown lines of one setting's rows (the first row is the ratios' reference)."""
+    rows, peak = result["rows"], result["peak_gflops"]
+    lines = [
+        f"Omniglot 5-way 1-shot meta-step, conv width {result['width']}, {result['meta_batch']} tasks, "
+        f"{result['devices']} {result['platform'].upper()} device(s), jax {jax.__version__}; median of "
+        f"{result['steps']} steps{' (--quick: a 1-block net on 14x14 images)' if result['quick'] else ''}; "
+        f"peak (a float32 matmul on every device) {peak:.0f} GFLOP/s",
+        "",
+        "| solver/conv/mapping | s/step [min-max] | vs first | first call s | inner it. | evaluations/task "
+        "| GFLOP/step | GFLOP/s | of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     base = rows[0]["step_s"]
-    print(
-        f"Omniglot 5-way 1-shot meta-step, conv width {args.width}, {args.meta_batch} tasks, "
-        f"{args.devices} CPU device(s), jax {jax.__version__}; median of {args.steps} steps\n"
-    )
-    print(
-        "| solver/conv/mapping | s/step [min-max] | vs first | first call s | inner it. | evaluations/task | GFLOP/step | GFLOP/s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(
+        lines.append(
             f"| {r['variant']} | {r['step_s']:.3f} [{r['step_s_min']:.3f}-{r['step_s_max']:.3f}] | "
             f"{base / r['step_s']:.2f}x | {r['first_call_s']:.1f} | {r['inner_iterations']:.1f} | "
-            f"{r['evaluations_per_task']:.1f} | {r['gflop_per_step']:.1f} | {r['gflops']:.1f} |"
+            f"{r['evaluations_per_task']:.1f} | {r['gflop_per_step']:.1f} | {r['gflops']:.1f} | "
+            f"{100 * r['gflops'] / peak:.0f}% |"
         )
-    return rows
+    return lines
+
+
+def section(quick: bool, devices: int, log, timeout_s: float = 1800) -> dict:
+    """`make bench`'s Omniglot section: this module in a subprocess per setting (its own devices, float32)."""
+    results = []
+    for width, meta_batch in QUICK_SETTINGS if quick else SETTINGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            command = [sys.executable, "-m", "bench.omniglot", f"--devices={devices}", "--json", out]
+            command += ["--width", str(width), "--meta-batch", str(meta_batch)]
+            command += ["--quick", "--steps", "1"] if quick else []
+            env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            env["XLA_FLAGS"] = re.sub(
+                r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
+            ).strip()
+            log(f"  omniglot: width {width}, meta-batch {meta_batch}")
+            try:  # Progress goes to this process's stderr; the rows come back in the JSON file.
+                proc = subprocess.run(
+                    command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, timeout=timeout_s
+                )
+                error = f"exit status {proc.returncode}" if proc.returncode != 0 else None
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {timeout_s:.0f} s"
+            if error:
+                results.append(dict(width=width, meta_batch=meta_batch, error=error))
+                continue
+            with open(out) as f:
+                results.append(json.load(f))
+    return dict(settings=results)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import omniglot
 from bench.accuracy import LOOSE_KEY
 
 
@@ -245,6 +246,26 @@ def _accuracy(section: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _omniglot(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 6. The Omniglot meta-step",
+        "",
+        "5-way 1-shot, float32, random images (bench/omniglot.py); per inner solver, convolution and task "
+        "mapping. GFLOP/s counts the maths' FLOPs (XLA's cost analysis of nn.Conv's evaluation, Hessian-vector "
+        "product and query gradient, times evaluations per task); peak: a float32 matmul on every device.",
+        "",
+    ]
+    for result in section["settings"]:
+        if "error" in result:
+            lines += [
+                f"conv width {result['width']}, meta-batch {result['meta_batch']}: {result['error']}",
+                "",
+            ]
+        else:
+            lines += omniglot.table(result) + [""]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     sections = results["sections"]
     lines = _header(results)
@@ -258,4 +279,6 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _accuracy(sections["accuracy"])
     if "cache" in sections:
         lines += _cache(sections["cache"])
+    if "omniglot" in sections:
+        lines += _omniglot(sections["omniglot"])
     return "\n".join(lines)

@@ -4,7 +4,8 @@
     python -m bench.run --quick    # tiny sizes: a smoke check of every section (numbers mean little)
 
 Prints a markdown table to stdout (progress goes to stderr) and writes it with the raw numbers to
-bench/results/<date>.md and .json. Sections: throughput, scaling, memory, accuracy (see their modules) and cache (scaling.cache_run).
+bench/results/<date>.md and .json. Sections: throughput, scaling, memory, accuracy (see their modules), cache
+(scaling.cache_run) and omniglot (the Omniglot meta-step, bench/omniglot.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax  # noqa: E402
 from bench import (  # noqa: E402
     accuracy,
     memory,
+    omniglot,
     report,
     scaling,
     throughput,
@@ -32,7 +34,7 @@ from bench import (  # noqa: E402
 )
 from bench import settings as settings_lib  # noqa: E402
 
-SECTIONS = ("throughput", "scaling", "memory", "accuracy", "cache")
+SECTIONS = ("throughput", "scaling", "memory", "accuracy", "cache", "omniglot")
 # --quick only: cheaper XLA CPU compilation (~1.7x faster, measured); a smoke check's numbers do not matter.
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Accuracy first: section 1's table quotes it. The output keeps the numbering of the issue.
     platform = machine["platform"]
     all_devices = machine["cpu_cores_usable"] if platform == "cpu" else machine["devices"]
-    for name in ("accuracy", "throughput", "memory", "scaling", "cache"):
+    for name in ("accuracy", "throughput", "memory", "scaling", "cache", "omniglot"):
         if name not in args.sections:
             continue
         log(f"section {name}:")
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["sections"][name] = memory.run(settings, log)
         elif name == "cache":
             results["sections"][name] = scaling.cache_run(settings, platform, log)
+        elif name == "omniglot":
+            results["sections"][name] = omniglot.section(args.quick, all_devices, log)
         else:
             platforms = {"cpu": max(settings.scaling_devices)}
             if machine["platform"] != "cpu":

@@ -50,12 +50,13 @@ def test_quick_writes_the_table_to_stdout_and_results(quick_run):
         "## 3. Memory",
         "## 4. Meta-gradient estimators",
         "## 5. A resumed run's compile",
+        "## 6. The Omniglot meta-step",
     ):
         assert heading in table
     assert results["mode"] == "quick"
     machine = results["machine"]
     assert machine["cpu_cores"] >= 1 and machine["jax"] and machine["platform"]
-    assert set(results["sections"]) == {"throughput", "scaling", "memory", "accuracy", "cache"}
+    assert set(results["sections"]) == {"throughput", "scaling", "memory", "accuracy", "cache", "omniglot"}
 
 
 @pytest.mark.slow
@@ -164,26 +165,13 @@ def test_bad_arguments_are_rejected_with_the_allowed_values(capsys):
 
 
 @pytest.mark.slow
-def test_omniglot_bench_measures_each_variant(capsys):
-    """bench.omniglot on a tiny conv net: one row per variant with its time, evaluations and FLOPs."""
-    from bench import omniglot
-
-    rows = omniglot.main(
-        [
-            "--width",
-            "4",
-            "--meta-batch",
-            "2",
-            "--devices",
-            "1",
-            "--steps",
-            "1",
-            "--variants",
-            "lbfgs/xla/map,gd/patches/vmap",
-        ]
-    )
-    assert [r["variant"] for r in rows] == ["lbfgs/xla/map", "gd/patches/vmap"]
-    for row in rows:
+def test_quick_omniglot_section_measures_each_variant(quick_run):
+    """The Omniglot section: one row per variant with its time, evaluations, FLOPs and the machine's peak."""
+    _, table, results = quick_run
+    (setting,) = results["sections"]["omniglot"]["settings"]
+    assert setting["peak_gflops"] > 0 and setting["platform"] == "cpu"
+    assert [r["variant"] for r in setting["rows"]] == ["lbfgs/xla/map", "gd/patches/vmap"]
+    for row in setting["rows"]:
         assert row["step_s"] > 0 and row["gflops"] > 0 and row["flops"]["evaluation"] > 0
-    assert rows[1]["evaluations_per_task"] == 17.0  # iMAML-GD: 16 steps, 17 gradient evaluations
-    assert "| gd/patches/vmap |" in capsys.readouterr().out
+        assert f"| {row['variant']} |" in table
+    assert setting["rows"][1]["evaluations_per_task"] == 3.0  # iMAML-GD: 2 steps, 3 gradient evaluations
