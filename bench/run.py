@@ -1,6 +1,6 @@
 """`make bench`: throughput against the notebook's formulation, device scaling, memory, estimator accuracy.
 
-    python -m bench.run            # default sizes: ~15 minutes on a shared 2-core CPU (see README)
+    python -m bench.run            # default sizes: ~35 minutes on a 2-core CPU (see README)
     python -m bench.run --quick    # tiny sizes: a smoke check of every section (numbers mean little)
 
 Prints a markdown table to stdout (progress goes to stderr) and writes it with the raw numbers to

@@ -11,7 +11,7 @@ Run:  python -m trainer.main --config=configs/omniglot_20way1shot.py --workdir=r
 --config.tasks.data_dir=/path/to/omniglot, a folder with images_background/images_evaluation as .npz,
 unzipped folders or the .zip archives).
 Paper (600 test tasks): iMAML-GD 94.46%, iMAML Hessian-free 96.18% mean accuracy; this run reports
-eval/adapted_acc with its 95% CI (see README for measured numbers).
+eval/adapted_acc with its 95% CI (RESULTS.md has the measured numbers and their commands).
 """
 
 from trainer.config import omniglot_config

@@ -155,8 +155,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel.num_devices = 0  # Devices on the task axis; 0 means all devices.
     # How a device runs its tasks, one of TASK_MAPPINGS. "vmap": one vectorised program (for accelerators: every
     # task's L-BFGS iterates until the device's slowest task converges); "map": one task after another with
-    # lax.map (each inner solve stops at its own convergence; on CPU 2.4x faster at 16 tasks and 11x at 256
-    # than vmap, and a conv net compiles ~2x faster); "auto": "map" on CPU, "vmap" on GPU/TPU.
+    # lax.map (each inner solve stops at its own convergence; the faster one on CPU, README "Benchmarks");
+    # "auto": "map" on CPU, "vmap" on GPU/TPU.
     c.parallel.task_mapping = "auto"
 
     c.eval = ml_collections.ConfigDict()
