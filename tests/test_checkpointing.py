@@ -340,6 +340,16 @@ def test_config_mismatch_is_refused_with_the_field_names(reference, tmp_path):
     assert [field.split(" ")[0] for field in differing] == ["train.num_steps"]
 
 
+def test_a_checkpoint_older_than_a_field_resumes_with_that_fields_default():
+    """A saved config written before a field existed counts as having its default (as evaluate reads it)."""
+    older = config_lib.to_dict(_config())
+    del older["outer"]["adam_eps"], older["meta_grad"]["damping"]
+    assert checkpointing.differing_maths_fields(older, _config()) == []
+    assert checkpointing.differing_maths_fields(older, _config(**{"meta_grad.damping": 1.0})) == [
+        "meta_grad.damping (saved 0.0, now 1.0)"
+    ]
+
+
 def test_restore_step_that_does_not_exist_is_refused(reference, tmp_path):
     reference_workdir, _ = reference
     workdir = _copy(reference_workdir, tmp_path)

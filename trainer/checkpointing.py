@@ -101,8 +101,10 @@ def differing_fields(a: dict[str, Any], b: dict[str, Any], names=None) -> list[t
 def differing_maths_fields(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
     """Fields that change the optimisation problem and differ between the saved and the current config.
 
-    `train.num_steps` counts only under a decaying learning-rate schedule, whose length it sets.
+    `train.num_steps` counts only under a decaying learning-rate schedule, whose length it sets. A field the
+    saved config lacks (written before the field existed) has its default value, as `evaluate.load_run` reads it.
     """
+    saved = {**_flat(config_lib.to_dict(config_lib.default_config())), **_flat(saved)}
     current_dict = config_lib.to_dict(current)
     names = list(config_lib.maths_fields(current))
     schedules = (_flat(saved).get("outer.schedule"), _flat(current_dict).get("outer.schedule"))
