@@ -100,8 +100,9 @@ LINEAR_SOLVES = {
 
 def make_linear_solve(name: str, tol: float, maxiter: int, damping: float = 0.0) -> Callable:
     """The solve for (H + lambda I + damping I) v = g used by implicit differentiation, with explicit
-    tolerance and cap. `damping` = 0 is the exact implicit gradient; > 0 keeps the matrix positive definite
-    where H has eigenvalues below -lambda (a non-convex inner loss), at the price of a biased gradient."""
+    tolerance and cap. `damping` = 0 is the exact implicit gradient; > 0 shifts every eigenvalue up by
+    `damping`, so the matrix stays positive definite while H's eigenvalues are above -(lambda + damping) (a
+    non-convex inner loss), at the price of a biased gradient."""
     solve = functools.partial(LINEAR_SOLVES[name], tol=tol, maxiter=maxiter)
     if damping == 0:
         return solve
