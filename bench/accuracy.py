@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 from bench import notebook_baseline
 from bench.settings import Problem, Settings, make_config
 from bench.timing import compile_timed, time_calls
+from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
@@ -32,7 +33,9 @@ def exact_meta_grads(problem: Problem, settings: Settings, task_batch) -> tuple[
     """Per-task exact meta-gradients, flattened [T, P], and the reference inner solves' residuals [T]."""
     config, model = problem.config, problem.model
     lam = config.inner.l2reg
-    inner_problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=lam)
+    inner_problem = inner_lib.InnerProblem(
+        loss=lambda params, data: model_lib.mse_loss(model, params, *data), l2reg=lam
+    )
     solver = inner_lib.LBFGSSolver(
         maxiter=settings.reference_maxiter,
         tol=settings.reference_tol,
@@ -114,8 +117,8 @@ def run(settings: Settings, log=print) -> dict[str, Any]:
         # Tasks one after another (lax.map): the vmapped program compiles ~2x slower (measured), and here each
         # task's cost should not depend on the slowest task of the batch.
         config = make_config(settings, parallel__task_mapping="map", **overrides)
-        task_meta_grad = meta_grad_lib.make_task_meta_grad(config, problem.model)
-        batch_grads = jax.jit(lambda t, b, f=task_meta_grad: meta_grad_lib.batch_meta_grad(f, t, b))
+        task_meta_grad = meta_grad_lib.make_task_meta_grad(config, problem.model, families.get_family(config))
+        batch_grads = jax.jit(lambda t, b, f=task_meta_grad: meta_grad_lib.batch_meta_grad(f, t, b, "map"))
         rows.append(_measure(key, description, batch_grads, theta, task_batch, exact, settings, log))
     # The notebook's formulation, one task at a time as its loop does (lax.map: one L-BFGS in the program).
     notebook_grad = notebook_baseline.make_task_meta_grad(

@@ -14,13 +14,14 @@ sets, the meta-parameters and the inner settings): tests/data/failed_lbfgs_task.
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainer import evaluate, families, meta_grad
+from trainer import evaluate, families
 from trainer import inner_solver as inner_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
@@ -36,10 +37,9 @@ def replay(workdir: str, step: int) -> list[dict[str, float]]:
     dtype = model_lib.dtype_of(config)
     key = jnp.asarray(tasks_lib.split_keys(config.seed)["train"], jnp.uint32)
     batch = family.sample(None, key, step, jnp.arange(config.train.meta_batch_size), dtype)
-    problem = inner_lib.InnerProblem(
-        loss=meta_grad.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
+    problem, safeguarded = inner_lib.from_config(
+        config, functools.partial(family.loss, model), differentiable=False
     )
-    safeguarded = meta_grad.make_inner_solver(config, differentiable=False)
     flat_objective, theta_flat, unravel = inner_lib.flat_problem(problem, theta)
     plain = jaxopt.LBFGS(
         fun=flat_objective,

@@ -15,6 +15,7 @@ import jax
 
 from bench.settings import Problem, Settings, make_config
 from bench.timing import compile_timed
+from trainer import families
 from trainer import meta_grad as meta_grad_lib
 
 
@@ -25,7 +26,9 @@ def run(settings: Settings, log=print) -> dict[str, Any]:
     for estimator in ("implicit", "unrolled"):
         for maxiter in settings.memory_maxiters:
             config = make_config(settings, meta_grad__estimator=estimator, inner__maxiter=maxiter)
-            task_meta_grad = meta_grad_lib.make_task_meta_grad(config, problem.model)
+            task_meta_grad = meta_grad_lib.make_task_meta_grad(
+                config, problem.model, families.get_family(config)
+            )
             compiled, compile_s = compile_timed(jax.jit(task_meta_grad), problem.meta_params, task)
             stats = compiled.memory_analysis()
             row = dict(estimator=estimator, maxiter=maxiter, compile_s=compile_s)

@@ -43,9 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import meta_grad as meta_grad_lib  # noqa: E402
+from trainer import families, mapping, optim, parallel  # noqa: E402  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
-from trainer import optim, parallel  # noqa: E402
 from trainer import tasks as tasks_lib  # noqa: E402
 from trainer import train_step as train_step_lib  # noqa: E402
 
@@ -142,8 +141,11 @@ def measure(config, steps: int, log) -> dict:
     keys = tasks_lib.split_keys(config.seed)
     optimizer, _ = optim.make_optimizer(config)
     data = _synthetic_data(config, np.random.default_rng(0))
-    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model)
-    backend = parallel.make_backend(config, task_meta_grad, optimizer, jnp.float32, data=data)
+    family = families.get_family(config)
+    local_step = train_step_lib.make_train_step(
+        config, model, family, optimizer, mapping.task_mapping(config)
+    )
+    backend = parallel.make_backend(config, local_step, family, data)
     theta = model_lib.init_params(model, keys["init"])
     host = jax.tree.map(np.asarray, train_step_lib.create_train_state(theta, optimizer, keys["train"]))
     state = backend.put_state(host)

@@ -153,10 +153,9 @@ def _worker_main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
     import jax
 
-    from bench.settings import Problem, Settings, make_config
+    from bench.settings import Problem, Settings, make_backend, make_config
     from bench.timing import time_calls
-    from trainer import executables, parallel, train
-    from trainer import meta_grad as meta_grad_lib
+    from trainer import executables, train
 
     if args.no_compile_cache and not args.cache_dir:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -173,9 +172,7 @@ def _worker_main(argv: list[str] | None = None) -> None:
         config.compile_cache_dir = args.cache_dir
         train.configure_jax(config, workdir=args.cache_dir)
     problem = Problem.create(config)
-    backend = parallel.make_backend(
-        config, meta_grad_lib.make_task_meta_grad(config, problem.model), problem.optimizer, problem.dtype
-    )
+    backend = make_backend(config, problem)
     host_state = problem.host_state()
     task_batch = backend.sample_tasks(problem.task_key, 0)
     if args.cache_dir and not args.no_executable:  # As train.py gets its step: loaded, or compiled and saved.

@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 
 from trainer import config as config_lib
+from trainer import families, mapping, optim, parallel
 from trainer import model as model_lib
-from trainer import optim
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
@@ -133,6 +133,15 @@ class Problem:
     def tasks(self, num_tasks: int) -> tasks_lib.TaskBatch:
         """Tasks 0..num_tasks-1 of step 0: every section and formulation sees the same ones."""
         return tasks_lib.sample_tasks(self.config.tasks, self.task_key, 0, jnp.arange(num_tasks), self.dtype)
+
+
+def make_backend(config: ml_collections.ConfigDict, problem: Problem):
+    """`parallel.make_backend` for the config, with the train step bound as train.py binds it."""
+    family = families.get_family(config)
+    local_step = train_step_lib.make_train_step(
+        config, problem.model, family, problem.optimizer, mapping.task_mapping(config)
+    )
+    return parallel.make_backend(config, local_step, family, family.load_data(config).train)
 
 
 def num_params(params: Any) -> int:

@@ -29,10 +29,8 @@ import jax
 import numpy as np
 
 from bench import notebook_baseline, scaling
-from bench.settings import Problem, Settings, make_config
+from bench.settings import Problem, Settings, make_backend, make_config
 from bench.timing import Timing, compile_timed, time_calls
-from trainer import meta_grad as meta_grad_lib
-from trainer import parallel
 
 
 def _summary(num_tasks: int, compile_s: float, timing, iterations_mean, iterations_max) -> dict[str, Any]:
@@ -54,9 +52,7 @@ def _project_backend(settings: Settings, num_tasks: int, mapping: str, inner_tol
         inner__tol=inner_tol or settings.inner_tol,
     )
     problem = Problem.create(config)
-    backend = parallel.make_backend(
-        config, meta_grad_lib.make_task_meta_grad(config, problem.model), problem.optimizer, problem.dtype
-    )
+    backend = make_backend(config, problem)
     return backend, problem.host_state(), jax.device_put(problem.tasks(num_tasks), backend.devices[0])
 
 

@@ -12,9 +12,8 @@ import ml_collections
 import numpy as np
 
 from trainer import config as config_lib
-from trainer import meta_grad as meta_grad_lib
+from trainer import families, mapping, optim, parallel
 from trainer import model as model_lib
-from trainer import optim, parallel
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
@@ -39,15 +38,22 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     return config_lib.with_fields(c, overrides)
 
 
-def make_backend(config: ml_collections.ConfigDict):
+def support_loss(model):
+    """(params, (x, y)) -> the support MSE: the inner problem's loss built by hand (not by inner_solver)."""
+    return lambda params, data: model_lib.mse_loss(model, params, *data)
+
+
+def make_backend(config: ml_collections.ConfigDict, wrap_step=lambda step: step):
     """The config's backend (parallel.make_backend), the initial host TrainState and the training task key,
-    built as train.py builds them."""
-    model = model_lib.make_model(config)
+    built as train.py builds them; `wrap_step` wraps the bound train step (e.g. chex.assert_max_traces)."""
+    family = families.get_family(config)
+    model = family.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
     optimizer, _ = optim.make_optimizer(config)
-    backend = parallel.make_backend(
-        config, meta_grad_lib.make_task_meta_grad(config, model), optimizer, model_lib.dtype_of(config)
+    local_step = train_step_lib.make_train_step(
+        config, model, family, optimizer, mapping.task_mapping(config)
     )
+    backend = parallel.make_backend(config, wrap_step(local_step), family, family.load_data(config).train)
     init = model_lib.init_params(model, keys["init"])
     host_state = jax.tree.map(np.asarray, train_step_lib.create_train_state(init, optimizer, keys["train"]))
     return backend, host_state, keys["train"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from trainer import checkpointing, evaluate, evaluation, optim, train
+from trainer import checkpointing, evaluate, evaluation, families, optim, train
 from trainer import config as config_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
@@ -69,7 +69,9 @@ def test_latest_checkpoint_matches_a_direct_evaluation(saved_run):
         saved = json.load(f)
     assert list(saved["methods"]) == list(evaluation.METHODS) and saved["metric_names"] == ["mse"]
     # Reference: the evaluator run on the in-memory parameters, without config.json or the checkpoint.
-    reference, _ = evaluation.Evaluator(config, model, tasks_lib.split_keys(config.seed)["eval"])(params[4])
+    reference, _ = evaluation.Evaluator(
+        config, model, tasks_lib.split_keys(config.seed)["eval"], families.get_family(config), "map"
+    )(params[4])
     for method in evaluation.METHODS:
         np.testing.assert_allclose(
             saved["methods"][method]["mse"]["mean"],

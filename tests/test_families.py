@@ -172,9 +172,13 @@ def test_classification_evaluation_reports_accuracy_with_ci_and_chunks_exactly()
     model = family.make_model(config)
     theta = model_lib.init_params(model, jax.random.PRNGKey(0))
     data = _synthetic_data()
-    summary, outputs = evaluation.Evaluator(config, model, jax.random.PRNGKey(4), data=data)(theta)
+    summary, outputs = evaluation.Evaluator(config, model, jax.random.PRNGKey(4), family, "map", data=data)(
+        theta
+    )
     config.eval.num_tasks = 4
-    few_summary, few = evaluation.Evaluator(config, model, jax.random.PRNGKey(4), data=data)(theta)
+    few_summary, few = evaluation.Evaluator(config, model, jax.random.PRNGKey(4), family, "map", data=data)(
+        theta
+    )
     assert set(evaluation.methods(family)) == {"adapted", "prior", "chance", "scratch_prox", "scratch"}
     for method in evaluation.methods(family):
         for metric in ("acc", "loss"):
@@ -220,9 +224,9 @@ def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     family = families.get_family(config)
     data = family.load_data(config)
     keys = tasks_lib.split_keys(config.seed)
-    before, _ = evaluation.Evaluator(config, model, keys["eval"], data=data.test)(
-        model_lib.init_params(model, keys["init"])
-    )
+    before, _ = evaluation.Evaluator(
+        config, model, keys["eval"], families.get_family(config), "map", data=data.test
+    )(model_lib.init_params(model, keys["init"]))
     result = train.train_and_evaluate(config, str(tmp_path))
     after = result.eval_summary
     assert "query_accuracy" in result.history[-1] and "support_accuracy" in result.history[-1]

@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from tests import helpers
+from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
@@ -40,7 +41,7 @@ def _failed_task_problem():
     model = model_lib.make_model(config)
     template = model_lib.init_params(model, tasks_lib.split_keys(0)["init"])
     theta = ravel_pytree(template)[1](jnp.asarray(saved["theta"]))
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     return config, problem, theta, (jnp.asarray(saved["support_x"]), jnp.asarray(saved["support_y"]))
 
 
@@ -67,7 +68,7 @@ def test_safeguarded_lbfgs_on_the_task_that_made_plain_lbfgs_fail():
     # The failure this fixture records: all iterations used, and far worse than the start.
     assert int(state.iter_num) == inner.maxiter and plain_objective > 100 * start
 
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
+    solver = inner_lib.make_solver(config, differentiable=False)
     x, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, support)
     assert float(problem.objective(x, theta, support)) <= start
     assert int(stats.linesearch_failures) >= 1  # The restarts are what rescued it.
@@ -90,8 +91,8 @@ def test_safeguarded_lbfgs_never_ends_above_its_start(maxls):
     keys = tasks_lib.split_keys(1)
     theta = jax.tree.map(lambda a: 3.0 * a, model_lib.init_params(model, keys["init"]))
     batch = tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(32), jnp.float64)
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
+    solver = inner_lib.make_solver(config, differentiable=False)
 
     def one(task):
         support = tasks_lib.support(task)
@@ -112,12 +113,12 @@ def test_converged_lbfgs_returns_jaxopts_own_solution():
     keys = tasks_lib.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
     task = jax.tree.map(lambda a: a[0], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     flat_objective, theta_flat, _ = inner_lib.flat_problem(problem, theta)
     inner = config.inner
     plain = _plain_lbfgs(flat_objective, inner)
     x_plain, state = jax.jit(plain.run)(theta_flat, theta_flat, tasks_lib.support(task))
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
+    solver = inner_lib.make_solver(config, differentiable=False)
     x, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, tasks_lib.support(task))
     assert int(stats.linesearch_failures) == 0 and bool(stats.converged)
     assert int(stats.iterations) == int(state.iter_num)
@@ -141,13 +142,15 @@ def test_gd_solver_meta_gradient_matches_dense_hessian_solve():
     keys = tasks_lib.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
     task = jax.tree.map(lambda a: a[1], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(2)))
-    grad, metrics = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
+    grad, metrics = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
+        theta, task
+    )
     assert float(metrics["inner_converged"]) == 1.0 and float(metrics["inner_iterations"]) < 5000
 
     lam = config.inner.l2reg
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=lam)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=lam)
     x_star, _ = jax.jit(
-        lambda t, d: meta_grad_lib.make_inner_solver(config, differentiable=False).solve(problem, t, t, d)
+        lambda t, d: inner_lib.make_solver(config, differentiable=False).solve(problem, t, t, d)
     )(theta, tasks_lib.support(task))
     x_flat, unravel = ravel_pytree(x_star)
     hessian = jax.hessian(lambda v: problem.loss(unravel(v), tasks_lib.support(task)))(x_flat)
@@ -167,9 +170,9 @@ def test_gd_solver_takes_the_fixed_steps():
     theta = model_lib.init_params(model, keys["init"])
     task = jax.tree.map(lambda a: a[0], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
     support = tasks_lib.support(task)
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     x, stats = jax.jit(
-        lambda t, d: meta_grad_lib.make_inner_solver(config, differentiable=False).solve(problem, t, t, d)
+        lambda t, d: inner_lib.make_solver(config, differentiable=False).solve(problem, t, t, d)
     )(theta, support)
     expected = theta
     for _ in range(7):

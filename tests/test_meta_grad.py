@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from tests import helpers
+from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
@@ -30,7 +31,9 @@ def _meta_grad_fn(config, model):
     """jitted per-task meta-gradient, shared by tests that use the same config (compiles are the slow part)."""
     key = config.to_json()
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))
+        _COMPILED[key] = jax.jit(
+            meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config))
+        )
     return _COMPILED[key]
 
 
@@ -54,8 +57,8 @@ TIGHT = {
 def _exact_implicit_grad(config, model, theta, task, damping=0.0):
     """lambda (H + (lambda + damping) I)^{-1} grad L_query(x*) with a dense Hessian and a dense solve."""
     lam = config.inner.l2reg
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=lam)
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=lam)
+    solver = inner_lib.make_solver(config, differentiable=False)
     x_star, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, tasks_lib.support(task))
     assert bool(stats.converged), f"inner solve did not converge: residual {stats.residual}"
     x_flat, unravel = ravel_pytree(x_star)
@@ -89,8 +92,8 @@ def test_implicit_matches_finite_differences_of_solution_map():
     config, model, theta, batch = _setup(**TIGHT)
     task = _task(batch, 1)
     grad, _ = _meta_grad_fn(config, model)(theta, task)
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
+    solver = inner_lib.make_solver(config, differentiable=False)
 
     @jax.jit
     def meta_loss(t):
@@ -117,9 +120,13 @@ def test_default_linear_solve_is_accurate_where_jaxopt_default_is_not():
     config, model, theta, batch = _setup(**{"inner.tol": 1e-12, "inner.maxiter": 2000, "inner.l2reg": 0.1})
     task = _task(batch, 0)
     exact = _exact_implicit_grad(config, model, theta, task)
-    ours, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
+    ours, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
+        theta, task
+    )
     config.meta_grad.linear_solver, config.meta_grad.solver_tol = "normal_cg", 1e-5
-    loose, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
+    loose, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
+        theta, task
+    )
     assert _rel_err(ours, exact) < 1e-4
     assert _rel_err(loose, exact) > 10 * _rel_err(ours, exact)
 
@@ -128,7 +135,9 @@ def test_ridge_meta_gradient_matches_closed_form():
     """A model linear in its parameters: x* = A^{-1} (2/n Phi^T y + lambda theta), A = 2/n Phi^T Phi + lambda I."""
     config, model, theta, batch = _setup(**TIGHT, **{"model.hidden_sizes": (), "inner.l2reg": 0.3})
     task = _task(batch, 2)
-    grad, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
+    grad, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
+        theta, task
+    )
 
     lam = config.inner.l2reg
     features = lambda x: np.concatenate([np.ones_like(x), x], axis=1)  # [bias, kernel] ordering below
@@ -156,9 +165,13 @@ def test_unrolled_agrees_with_implicit_when_inner_converges_fast():
     }
     config, model, theta, batch = _setup(**overrides)
     task = _task(batch, 0)
-    implicit, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
+    implicit, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
+        theta, task
+    )
     config.meta_grad.estimator = "unrolled"
-    unrolled, metrics = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
+    unrolled, metrics = jax.jit(
+        meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config))
+    )(theta, task)
     assert float(metrics["inner_residual"]) < 1e-8, metrics
     assert _rel_err(unrolled, implicit) < 1e-5
 
@@ -167,9 +180,11 @@ def test_first_order_is_query_gradient_at_solution():
     config, model, theta, batch = _setup(**TIGHT)
     task = _task(batch, 0)
     config.meta_grad.estimator = "first_order"
-    grad, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model))(theta, task)
-    problem = inner_lib.InnerProblem(loss=meta_grad_lib.support_loss_fn(model), l2reg=config.inner.l2reg)
-    x_star, _ = meta_grad_lib.make_inner_solver(config, differentiable=False).solve(
+    grad, _ = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
+        theta, task
+    )
+    problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
+    x_star, _ = inner_lib.make_solver(config, differentiable=False).solve(
         problem, theta, theta, tasks_lib.support(task)
     )
     expected = jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star)
@@ -180,8 +195,8 @@ def test_first_order_is_query_gradient_at_solution():
 
 def test_vmap_over_tasks_equals_loop_over_tasks():
     config, model, theta, batch = _setup(num_tasks=4, **{"inner.tol": 1e-10, "inner.maxiter": 500})
-    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model)
-    grads_T, metrics_T = jax.jit(lambda t, b: meta_grad_lib.batch_meta_grad(task_meta_grad, t, b))(
+    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config))
+    grads_T, metrics_T = jax.jit(lambda t, b: meta_grad_lib.batch_meta_grad(task_meta_grad, t, b, "vmap"))(
         theta, batch
     )
     single = jax.jit(task_meta_grad)

@@ -508,7 +508,7 @@ def test_backends_sample_from_device_data_like_the_family():
     )
     family = families.get_family(config)
     data = dict(images=_coded_images(12), ids=np.arange(1, 13, dtype=np.int32))
-    backend = parallel.make_backend(config, task_meta_grad=None, optimizer=None, dtype=jnp.float32, data=data)
+    backend = parallel.make_backend(config, local_step=None, family=family, data=data)
     sharded = backend.sample_tasks(jax.random.PRNGKey(5), 2)
     assert len(backend.data["images"].sharding.device_set) == 4
     direct = family.sample(data, jax.random.PRNGKey(5), 2, jnp.arange(8), jnp.float32)
@@ -634,8 +634,10 @@ def test_one_shot_runs_accuracy_adapts_per_run():
     runs = dict(train=train, test=train[np.arange(3)[:, None], labels], test_labels=labels)
     model = model_lib.make_model(config)
     theta = model_lib.init_params(model, jax.random.PRNGKey(0))
-    result = evaluation.one_shot_runs_accuracy(config, model, theta, runs)
+    result = evaluation.one_shot_runs_accuracy(config, model, theta, runs, families.get_family(config), "map")
     np.testing.assert_array_equal(result["per_run_acc"], np.ones(3))
     assert result["one_shot_runs/acc"] == 1.0 and result["one_shot_runs/error_rate"] == 0.0
     with pytest.raises(config_lib.ConfigError, match="tasks.num_ways"):
-        evaluation.one_shot_runs_accuracy(_omniglot_config(), model, theta, runs)
+        evaluation.one_shot_runs_accuracy(
+            _omniglot_config(), model, theta, runs, families.get_family(config), "map"
+        )

@@ -9,6 +9,7 @@ training curves agree within a loose tolerance.
 
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -28,12 +29,22 @@ WELL_CONDITIONED = {
 }
 
 
+def _traced_once(local_step):
+    """The bound train step, failing if it is traced more than once (both steps must run one program)."""
+    chex.clear_trace_counter()
+
+    def step(*args, **kwargs):
+        return local_step(*args, **kwargs)
+
+    return chex.assert_max_traces(step, n=1)
+
+
 def run_steps(config, backend_name, num_devices, num_steps):
     """Runs the backend's step directly; returns (backend, host states after each step, host metrics)."""
     config = config_lib.validate(config.copy_and_resolve_references())
     config.parallel.backend = backend_name
     config.parallel.num_devices = num_devices
-    backend, host, train_key = helpers.make_backend(config)
+    backend, host, train_key = helpers.make_backend(config, wrap_step=_traced_once)
     state = backend.put_state(host)
     states, metrics = [host], []
     for step in range(num_steps):
@@ -78,7 +89,6 @@ def test_sharded_equals_unsharded(reference, backend_name, num_devices):
     )
     assert metrics[1]["inner_iterations_max_per_device"].shape == (num_devices,)
     assert int(states[2].step) == 2
-    assert backend.num_traces == 1  # compiled once for the two steps
 
 
 def test_each_device_stops_with_its_own_tasks():

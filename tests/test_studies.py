@@ -36,7 +36,9 @@ def test_every_method_is_scored_on_the_same_tasks():
     model = model_lib.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
     meta_params = model_lib.init_params(model, keys["init"])
-    summary, outputs = evaluation.Evaluator(config, model, keys["eval"])(meta_params)
+    summary, outputs = evaluation.Evaluator(
+        config, model, keys["eval"], families_lib.get_family(config), "map"
+    )(meta_params)
     tasks, per_task = outputs["tasks"], outputs["per_task"]
     for i in range(5):
         qx, qy = tasks["query_x"][i], tasks["query_y"][i]
@@ -73,7 +75,9 @@ def test_kshot_curves_cli_on_a_saved_run(saved_run):  # noqa: F811
 def test_kshot_curves_refuse_classification():
     config = config_lib.omniglot_config(5, 1)
     with pytest.raises(config_lib.ConfigError, match="tasks.family"):
-        studies.kshot_curves(config, None, jax.random.key(0), shots=(1,))
+        studies.kshot_curves(
+            config, None, jax.random.key(0), families_lib.get_family(config), "map", shots=(1,)
+        )
 
 
 def test_sweep_trains_each_value_and_picks_the_best(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from configs import sinusoid
 from tests import helpers
 from trainer import config as config_lib
-from trainer import evaluation, train
+from trainer import evaluation, families, train
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 
@@ -54,7 +54,9 @@ def test_short_run_meta_learns(tmp_path):
     )
     model = model_lib.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
-    before, _ = evaluation.Evaluator(config, model, keys["eval"])(model_lib.init_params(model, keys["init"]))
+    before, _ = evaluation.Evaluator(config, model, keys["eval"], families.get_family(config), "map")(
+        model_lib.init_params(model, keys["init"])
+    )
     result = train.train_and_evaluate(config, str(tmp_path / "w"))
     after = result.eval_summary
     print("before", before["eval/adapted_mse"], "after", after["eval/adapted_mse"], after)

@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from trainer import checkpointing, evaluation, families, monitoring, omniglot, optim, studies, train
 from trainer import config as config_lib
 from trainer import figures as figures_lib
+from trainer import mapping as mapping_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
@@ -188,8 +189,10 @@ def evaluate_workdir(
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
     config, model, meta_params, step = load_run(workdir, step, num_tasks)
-
-    evaluator = evaluation.Evaluator(config, model, tasks_lib.split_keys(config.seed)["eval"])
+    family = families.get_family(config)
+    evaluator = evaluation.Evaluator(
+        config, model, tasks_lib.split_keys(config.seed)["eval"], family, mapping_lib.task_mapping(config)
+    )
     summary, outputs = evaluator(meta_params)
     metric_names = tuple(evaluator.family.metric_names)
 
@@ -242,7 +245,13 @@ def kshot_workdir(
     """K-shot curves of a checkpoint of `workdir` (`studies.kshot_curves`), written to eval/kshot_step_<S>.*."""
     config, _, meta_params, step = load_run(workdir, step, num_tasks)
     record = studies.kshot_curves(
-        config, meta_params, tasks_lib.split_keys(config.seed)["eval"], shots, budgets
+        config,
+        meta_params,
+        tasks_lib.split_keys(config.seed)["eval"],
+        families.get_family(config),
+        mapping_lib.task_mapping(config),
+        shots,
+        budgets,
     )
     record.update(step=step, workdir=os.path.abspath(workdir))
     table = studies.kshot_table(record)

@@ -14,6 +14,7 @@ Metrics are the family's: query MSE (eval/<method>_mse) for sinusoid; query accu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -23,9 +24,8 @@ import ml_collections
 import numpy as np
 
 from trainer import config as config_lib
-from trainer import families as families_lib
 from trainer import inner_solver as inner_lib
-from trainer import meta_grad as meta_grad_lib
+from trainer import mapping as mapping_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 
@@ -37,29 +37,18 @@ def methods(family) -> tuple[str, ...]:
     return ("adapted", "prior", family.baseline_name, "scratch_prox", "scratch")
 
 
-class _PerSolveL2Problem(inner_lib.InnerProblem):
-    """The inner problem with lambda read from the data, so solves with different lambdas batch together."""
-
-    def objective(self, x, theta, data):
-        task_data, l2reg = data
-        diff = jax.tree.map(lambda a, b: a - b, x, theta)
-        return self.loss(x, task_data) + 0.5 * l2reg * inner_lib.tree_sq_norm(diff)
-
-
-def make_eval_fn(config: ml_collections.ConfigDict, model, family=None):
+def make_eval_fn(config: ml_collections.ConfigDict, model, family, task_mapping: str):
     """jitted (meta_params, tasks, init_key, task_indices) -> (per-task metrics, adapted, scratch, stats).
 
     Per-task metrics are {"<method>_<metric>": [T]}. Task i's random init is fold_in(init_key, i). The three
     inner solves per task (from theta with lambda, from a random init with lambda, from a random init with
-    lambda = 0) are one vmapped solve, so the solver is compiled once.
+    lambda = 0) are one mapped solve, so the solver is compiled once; tasks and solves are mapped with
+    `task_mapping` ("vmap" or "map").
     """
-    family = family or families_lib.get_family(config)
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
-    problem = _PerSolveL2Problem(
-        loss=meta_grad_lib.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
+    problem, solver = inner_lib.from_config(
+        config, functools.partial(family.loss, model), differentiable=False, per_solve_l2reg=True
     )
     lam = config.inner.l2reg
-    vmap_tasks = meta_grad_lib.vmap_tasks(config)
 
     def one_task(meta_params, task, random_init):
         support, query = tasks_lib.support(task), tasks_lib.query(task)
@@ -67,7 +56,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, family=None):
         starts = jax.tree.map(lambda a, b: jnp.stack([a, b, b]), meta_params, random_init)
         l2regs = jnp.asarray([lam, lam, 0.0], dtype=jax.tree.leaves(meta_params)[0].dtype)
         solve = lambda start, l2reg: solver.solve(problem, start, start, (support, l2reg))
-        solutions, stats = meta_grad_lib.map_tasks(solve, vmap_tasks, starts, l2regs)
+        solutions, stats = mapping_lib.map_tasks(solve, task_mapping, starts, l2regs)
         adapted, scratch_prox, scratch = (jax.tree.map(lambda a, i=i: a[i], solutions) for i in range(3))
         scores = {
             "adapted": score(adapted),
@@ -87,8 +76,8 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, family=None):
     def evaluate(meta_params, tasks, init_key, task_indices):
         init_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(init_key, task_indices)
         random_inits = jax.vmap(lambda k: model_lib.init_params(model, k))(init_keys)
-        return meta_grad_lib.map_tasks(
-            lambda task, init: one_task(meta_params, task, init), vmap_tasks, tasks, random_inits
+        return mapping_lib.map_tasks(
+            lambda task, init: one_task(meta_params, task, init), task_mapping, tasks, random_inits
         )
 
     return jax.jit(evaluate)
@@ -122,11 +111,19 @@ class Evaluator:
     """Evaluates meta-parameters on a fixed set of held-out tasks (same tasks at every evaluation).
 
     Task i is the family's held-out task fold_in(task_key, i), sampled on device from the family's test data
-    (`data`, loaded when None); `eval.batch_size` tasks are solved at a time.
+    (`data`, loaded when None); `eval.batch_size` tasks are solved at a time, mapped with `task_mapping`.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, model, eval_key: jax.Array, data=None, family=None):
-        self.family = family or families_lib.get_family(config)
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model,
+        eval_key: jax.Array,
+        family,
+        task_mapping: str,
+        data=None,
+    ):
+        self.family = family
         dtype = model_lib.dtype_of(config)
         self.task_key, self.init_key = jax.random.split(eval_key)
         self.num_tasks = config.eval.num_tasks
@@ -134,7 +131,7 @@ class Evaluator:
         self.methods = methods(self.family)
         self.data = jax.device_put(self.family.load_data(config).test if data is None else data)
         self._sample = jax.jit(lambda data, key, indices: self.family.heldout(data, key, indices, dtype))
-        self._eval = make_eval_fn(config, model, self.family)
+        self._eval = make_eval_fn(config, model, family, task_mapping)
 
     def __call__(self, meta_params) -> tuple[dict[str, float], dict[str, Any]]:
         """Returns the summary metrics and the raw outputs (per-task metrics; adapted params for figures)."""
@@ -174,14 +171,18 @@ def format_summary(step: int, summary: dict[str, float]) -> str:
 
 
 def one_shot_runs_accuracy(
-    config: ml_collections.ConfigDict, model, meta_params, runs: dict[str, np.ndarray], family=None
+    config: ml_collections.ConfigDict,
+    model,
+    meta_params,
+    runs: dict[str, np.ndarray],
+    family,
+    task_mapping: str,
 ) -> dict[str, Any]:
     """Lake et al.'s 20 one-shot runs (`omniglot.load_one_shot_runs`): per run, adapt from theta on the 20
     training images (label c for training class c), then classify the 20 test images.
 
     Returns the accuracy per run, its mean and 95% CI over runs, and the error rate (Lake et al.'s measure).
     """
-    family = family or families_lib.get_family(config)
     num_runs, ways, size = runs["train"].shape[:3]
     if config.tasks.num_ways != ways or config.tasks.image_size != size:
         raise config_lib.ConfigError(
@@ -194,9 +195,8 @@ def one_shot_runs_accuracy(
     train_x, test_x = images(runs["train"]), images(runs["test"])
     train_y = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32), (num_runs, ways))
     test_y = jnp.asarray(runs["test_labels"], jnp.int32)
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
-    problem = inner_lib.InnerProblem(
-        loss=meta_grad_lib.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
+    problem, solver = inner_lib.from_config(
+        config, functools.partial(family.loss, model), differentiable=False
     )
 
     @jax.jit
@@ -205,9 +205,7 @@ def one_shot_runs_accuracy(
             adapted, stats = solver.solve(problem, meta_params, meta_params, (xs, ys))
             return model_lib.accuracy(model, adapted, xq, yq), stats.converged
 
-        return meta_grad_lib.map_tasks(
-            one_run, meta_grad_lib.vmap_tasks(config), train_x, train_y, test_x, test_y
-        )
+        return mapping_lib.map_tasks(one_run, task_mapping, train_x, train_y, test_x, test_y)
 
     accuracy, converged = (np.asarray(a) for a in score(meta_params, train_x, train_y, test_x, test_y))
     mean, ci = mean_ci95(accuracy)

@@ -38,7 +38,7 @@ import ml_collections
 from jax.experimental import serialize_executable
 
 from trainer import config as config_lib
-from trainer import workdir
+from trainer import distributed, workdir
 
 SUFFIX = ".jaxexe"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -236,10 +236,13 @@ def cache_directory(config: ml_collections.ConfigDict, workdir: str) -> str | No
 def train_step_for_run(
     backend, config: ml_collections.ConfigDict, workdir: str, state, task_batch, log=print
 ) -> tuple[Callable[..., Any], str, float]:
-    """The callable the train loop steps with: a saved or freshly saved executable where supported, else the
-    backend's jitted step (compiled at its first call; source "jit", 0 seconds)."""
+    """The callable the train loop steps with (the one place it is chosen): a saved or freshly saved
+    executable where supported; else the backend's jitted step (compiled at its first call; source "jit",
+    0 seconds), which with several processes first waits until every process has compiled it."""
     directory = cache_directory(config, workdir)
-    if directory is None or backend.name == "pmap" or jax.process_count() > 1:
+    if jax.process_count() > 1:
+        return distributed.synchronize_first_call(backend.step, f"{backend.name} train step"), "jit", 0.0
+    if directory is None or backend.name == "pmap":
         return backend.step, "jit", 0.0
     args = (state, task_batch)
     key = fingerprint(config, backend.devices, args)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.flatten_util import ravel_pytree
 
 with warnings.catch_warnings():
@@ -57,6 +58,16 @@ class InnerProblem:
     def residual(self, x: Params, theta: Params, data: Data) -> jax.Array:
         """||grad L(x) + lambda (x - theta)||: zero exactly at the inner solution."""
         return tree_norm(jax.grad(self.objective)(x, theta, data))
+
+
+class PerSolveL2Problem(InnerProblem):
+    """The inner problem with lambda read from the data `(task_data, l2reg)`, so that solves with different
+    lambdas batch together (evaluation's adapted / scratch_prox / scratch solves)."""
+
+    def objective(self, x, theta, data):
+        task_data, l2reg = data
+        diff = jax.tree.map(lambda a, b: a - b, x, theta)
+        return self.loss(x, task_data) + 0.5 * l2reg * tree_sq_norm(diff)
 
 
 class InnerStats(NamedTuple):
@@ -272,3 +283,43 @@ class UnrolledGradientDescent:
         )
         x, state = solver.run(init, theta, data)
         return x, _stats(problem, x, theta, data, state.iter_num, self.tol, 0, state.iter_num + 1)
+
+
+def make_solver(config: ml_collections.ConfigDict, differentiable: bool = True) -> InnerSolver:
+    """The inner solver of `inner.solver` for `meta_grad.estimator`; `differentiable=False` gives a solve with
+    no gradient (evaluation, studies)."""
+    inner, mg = config.inner, config.meta_grad
+    if differentiable and mg.estimator == "unrolled":
+        return UnrolledGradientDescent(maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.unrolled_stepsize)
+    linear_solve = None
+    if differentiable and mg.estimator == "implicit":
+        linear_solve = make_linear_solve(mg.linear_solver, mg.solver_tol, mg.solver_maxiter, mg.damping)
+    if inner.solver == "gd":
+        return GradientDescentSolver(
+            maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.gd_stepsize, linear_solve=linear_solve
+        )
+    return LBFGSSolver(
+        maxiter=inner.maxiter,
+        tol=inner.tol,
+        history_size=inner.history_size,
+        linesearch=inner.linesearch,
+        maxls=inner.maxls,
+        linear_solve=linear_solve,
+    )
+
+
+def from_config(
+    config: ml_collections.ConfigDict,
+    loss: Callable[..., jax.Array],
+    *,
+    differentiable: bool = True,
+    per_solve_l2reg: bool = False,
+) -> tuple[InnerProblem, InnerSolver]:
+    """The inner problem and its solver, the one place both are built from a config.
+
+    `loss(params, x, y)` is the per-task support loss (a family's loss with its model bound); the problem's
+    data are `(x, y)`, or `((x, y), l2reg)` with `per_solve_l2reg` (PerSolveL2Problem).
+    """
+    problem_class = PerSolveL2Problem if per_solve_l2reg else InnerProblem
+    problem = problem_class(loss=lambda params, data: loss(params, *data), l2reg=config.inner.l2reg)
+    return problem, make_solver(config, differentiable)

@@ -9,6 +9,7 @@ For one task: meta_loss(theta) = L_query(x*(theta)). Estimators of d meta_loss /
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,57 +17,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from trainer import families as families_lib
 from trainer import inner_solver as inner_lib
-from trainer import model as model_lib
+from trainer import mapping as mapping_lib
 from trainer import tasks as tasks_lib
 
 Params = Any
 TaskMetaGrad = Callable[[Params, tasks_lib.TaskBatch], tuple[Params, dict[str, jax.Array]]]
 
 
-def support_loss_fn(model, loss=model_lib.mse_loss) -> Callable[[Params, Any], jax.Array]:
-    """(params, (x, y)) -> the per-task `loss(model, params, x, y)` (a family's loss; MSE by default)."""
-    return lambda params, data: loss(model, params, *data)
+def make_task_meta_grad(config: ml_collections.ConfigDict, model, family) -> TaskMetaGrad:
+    """(meta_params, one task) -> (meta-gradient, per-task metrics); `batch_meta_grad` maps it over tasks.
 
-
-def make_inner_solver(
-    config: ml_collections.ConfigDict, differentiable: bool = True
-) -> inner_lib.InnerSolver:
-    """The inner solver for `meta_grad.estimator`; `differentiable=False` gives a solve with no gradient."""
-    inner, mg = config.inner, config.meta_grad
-    if differentiable and mg.estimator == "unrolled":
-        return inner_lib.UnrolledGradientDescent(
-            maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.unrolled_stepsize
-        )
-    linear_solve = None
-    if differentiable and mg.estimator == "implicit":
-        linear_solve = inner_lib.make_linear_solve(
-            mg.linear_solver, mg.solver_tol, mg.solver_maxiter, mg.damping
-        )
-    if inner.solver == "gd":
-        return inner_lib.GradientDescentSolver(
-            maxiter=inner.maxiter, tol=inner.tol, stepsize=inner.gd_stepsize, linear_solve=linear_solve
-        )
-    return inner_lib.LBFGSSolver(
-        maxiter=inner.maxiter,
-        tol=inner.tol,
-        history_size=inner.history_size,
-        linesearch=inner.linesearch,
-        maxls=inner.maxls,
-        linear_solve=linear_solve,
-    )
-
-
-def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -> TaskMetaGrad:
-    """(meta_params, one task) -> (meta-gradient, per-task metrics). vmap it over tasks.
-
-    The loss is the family's (`families.get_family(config)` unless given); its extra per-task metrics
-    (e.g. accuracy) are reported on the query and support sets as query_<name> and support_<name>.
+    The loss is the family's; its extra per-task metrics (e.g. accuracy) are reported on the query and support
+    sets as query_<name> and support_<name>.
     """
-    family = family or families_lib.get_family(config)
-    problem = inner_lib.InnerProblem(loss=support_loss_fn(model, family.loss), l2reg=config.inner.l2reg)
-    solver = make_inner_solver(config)
+    problem, solver = inner_lib.from_config(config, functools.partial(family.loss, model))
     first_order = config.meta_grad.estimator == "first_order"
 
     def meta_loss(meta_params, task):
@@ -97,26 +62,11 @@ def make_task_meta_grad(config: ml_collections.ConfigDict, model, family=None) -
                 metrics[f"{split}_{name}"] = value
         return grad, metrics
 
-    task_meta_grad.vmap_tasks = vmap_tasks(config)  # Read by batch_meta_grad.
     return task_meta_grad
 
 
-def vmap_tasks(config: ml_collections.ConfigDict) -> bool:
-    """Whether a device's tasks are vmapped (parallel.task_mapping; "auto": not on CPU, where lax.map is faster)."""
-    mapping = config.parallel.task_mapping
-    if mapping == "auto":
-        return jax.default_backend() != "cpu"
-    return mapping == "vmap"
-
-
-def map_tasks(fn: Callable, vmap_tasks: bool, *batched) -> Any:
-    """fn over the leading task axis of `batched`: vmapped, or one task after another with lax.map."""
-    if vmap_tasks:
-        return jax.vmap(fn)(*batched)
-    return jax.lax.map(lambda args: fn(*args), batched)
-
-
-def batch_meta_grad(task_meta_grad: TaskMetaGrad, meta_params: Params, task_batch) -> tuple[Params, dict]:
-    """Over the leading task axis (vmapped or lax.map, by parallel.task_mapping): grads [T, ...], metrics [T]."""
-    vmap_tasks = getattr(task_meta_grad, "vmap_tasks", True)
-    return map_tasks(lambda task: task_meta_grad(meta_params, task), vmap_tasks, task_batch)
+def batch_meta_grad(
+    task_meta_grad: TaskMetaGrad, meta_params: Params, task_batch, task_mapping: str
+) -> tuple[Params, dict]:
+    """Over the leading task axis (`mapping.map_tasks` with "vmap" or "map"): grads [T, ...], metrics [T]."""
+    return mapping_lib.map_tasks(lambda task: task_meta_grad(meta_params, task), task_mapping, task_batch)

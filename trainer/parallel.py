@@ -24,9 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from trainer import config as config_lib
-from trainer import distributed
-from trainer import families as families_lib
-from trainer import train_step as train_step_lib
+from trainer import model as model_lib
 
 AXIS = "tasks"
 
@@ -58,30 +56,17 @@ def make_mesh(devices: list[jax.Device]) -> jax.sharding.Mesh:
 class _Backend:
     name = "base"
 
-    def __init__(self, config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype, data=None):
-        self.config = config
-        self.family = families_lib.get_family(config)
-        # The training tasks' host data (None for sinusoid); each backend places it once on its devices.
-        self.host_data = self.family.load_data(config).train if data is None else data
-        self.batch_size = config.train.meta_batch_size
-        self.dtype = dtype
-        self.num_traces = 0
-        self._local_step = functools.partial(
-            train_step_lib.train_step,
-            task_meta_grad=task_meta_grad,
-            optimizer=optimizer,
-            task_filter=train_step_lib.TaskFilter.from_config(config),
+    def __init__(self, config: ml_collections.ConfigDict, local_step, family, data):
+        self.family = family
+        self.host_data = (
+            data  # The training tasks' host data (None for sinusoid), placed once on the devices.
         )
+        self.batch_size = config.train.meta_batch_size
+        self.dtype = model_lib.dtype_of(config)
+        self._local_step = local_step
 
     def _sample(self, data, task_key, step, task_indices):
         return self.family.sample(data, task_key, step, task_indices, self.dtype)
-
-    def _counted(self, fn):
-        def wrapper(*args, **kwargs):
-            self.num_traces += 1  # Runs at trace time only: counts compilations of the step.
-            return fn(*args, **kwargs)
-
-        return wrapper
 
     @staticmethod
     def metrics_to_host(metrics: dict[str, jax.Array]) -> dict[str, np.ndarray]:
@@ -89,17 +74,17 @@ class _Backend:
 
 
 class SingleDevice(_Backend):
-    """vmap over the whole meta-batch on one device."""
+    """The whole meta-batch on one device (its tasks mapped as the step's task_mapping says)."""
 
     name = "none"
 
-    def __init__(self, config, task_meta_grad, optimizer, dtype, device=None, data=None):
-        super().__init__(config, task_meta_grad, optimizer, dtype, data)
+    def __init__(self, config, local_step, family, data, device=None):
+        super().__init__(config, local_step, family, data)
         self.device = device or jax.devices()[0]
         self.data = jax.device_put(self.host_data, self.device)
         self.devices = [self.device]
         self.num_devices = 1
-        self.step = jax.jit(self._counted(self._local_step), donate_argnums=0)
+        self.step = jax.jit(self._local_step, donate_argnums=0)
         self._sample_jit = jax.jit(self._sample)
 
     def put_state(self, host_state):
@@ -114,12 +99,13 @@ class SingleDevice(_Backend):
 
 
 class ShardMap(_Backend):
-    """`jax.shard_map` over a 1-D mesh: each device vmaps its own tasks; gradients all-reduced with pmean."""
+    """`jax.shard_map` over a 1-D mesh: each device maps the step over its own tasks; the sums of their
+    meta-gradients are all-reduced with psum."""
 
     name = "shard_map"
 
-    def __init__(self, config, task_meta_grad, optimizer, dtype, devices, data=None):
-        super().__init__(config, task_meta_grad, optimizer, dtype, data)
+    def __init__(self, config, local_step, family, data, devices):
+        super().__init__(config, local_step, family, data)
         self.devices = devices
         self.num_devices = len(devices)
         self.mesh = make_mesh(devices)
@@ -131,7 +117,7 @@ class ShardMap(_Backend):
             local_step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
         )
         self.step = jax.jit(
-            self._counted(sharded_step),
+            sharded_step,
             in_shardings=(self.replicated, self.task_sharding),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=0,
@@ -170,13 +156,13 @@ class Pmap(_Backend):
 
     name = "pmap"
 
-    def __init__(self, config, task_meta_grad, optimizer, dtype, devices, data=None):
-        super().__init__(config, task_meta_grad, optimizer, dtype, data)
+    def __init__(self, config, local_step, family, data, devices):
+        super().__init__(config, local_step, family, data)
         self.devices = [d for d in devices if d.process_index == jax.process_index()]
         self.num_devices = len(devices)
         self.num_local = len(self.devices)
         local_step = functools.partial(self._local_step, axis_name=AXIS)
-        self.step = jax.pmap(self._counted(local_step), axis_name=AXIS, devices=devices, donate_argnums=0)
+        self.step = jax.pmap(local_step, axis_name=AXIS, devices=devices, donate_argnums=0)
         self._sample_pmap = jax.pmap(self._sample, in_axes=(0, None, None, 0), devices=devices)
         # Placing the state through pmap gives it the same device layout as the step's outputs (no recompile).
         self._replicate = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)
@@ -203,11 +189,12 @@ class Pmap(_Backend):
         return {k: np.asarray(v.addressable_data(0))[0] for k, v in metrics.items()}
 
 
-def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, dtype, data=None) -> Any:
-    """The backend named by `parallel.backend`; checks the meta-batch splits evenly before compiling.
-
-    `data` is the family's training data (`families.get_family(config).load_data(config).train`, loaded
-    here when None).
+def make_backend(config: ml_collections.ConfigDict, local_step, family, data) -> Any:
+    """The backend named by `parallel.backend`, running `local_step` (`train_step.make_train_step`'s
+    `(state, task_batch, axis_name=None) -> (state, metrics)`) on its devices, with the tasks sampled by `family`
+    from `data` (its training data, `family.load_data(config).train`). Checks the meta-batch splits evenly
+    before compiling. `backend.step` is the jitted step; `executables.train_step_for_run` gives the loop its
+    callable.
     """
     name = config.parallel.backend
     if name == "none":
@@ -217,15 +204,12 @@ def make_backend(config: ml_collections.ConfigDict, task_meta_grad, optimizer, d
                 f"{jax.process_count()} processes; use 'shard_map' (or 'pmap')"
             )
         config_lib.check_device_count(config, 1)
-        return SingleDevice(config, task_meta_grad, optimizer, dtype, data=data)
+        return SingleDevice(config, local_step, family, data)
     devices = select_devices(config.parallel.num_devices)
     config_lib.check_device_count(config, len(devices))
     if name in ("shard_map", "pmap"):
         backend_class = ShardMap if name == "shard_map" else Pmap
-        backend = backend_class(config, task_meta_grad, optimizer, dtype, devices, data=data)
-        # With several processes, all of them finish compiling the step before its first collective runs.
-        backend.step = distributed.synchronize_first_call(backend.step, f"{name} train step")
-        return backend
+        return backend_class(config, local_step, family, data, devices)
     raise config_lib.ConfigError(
         f"config field 'parallel.backend' = {name!r}: expected one of {list(config_lib.BACKENDS)}"
     )

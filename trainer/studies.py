@@ -10,6 +10,7 @@ Both return JSON-ready records; `write_*` add a markdown table and a figure besi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -25,8 +26,7 @@ from trainer import evaluation, monitoring
 from trainer import families as families_lib
 from trainer import figures as figures_lib
 from trainer import inner_solver as inner_lib
-from trainer import meta_grad as meta_grad_lib
-from trainer import model as model_lib
+from trainer import mapping as mapping_lib
 from trainer import tasks as tasks_lib
 
 
@@ -42,11 +42,10 @@ def split_field(config: ml_collections.ConfigDict, field: str) -> tuple[str, str
     return group, name
 
 
-def _adapted_metric_fn(config: ml_collections.ConfigDict, model, family) -> Callable:
+def _adapted_metric_fn(config: ml_collections.ConfigDict, model, family, task_mapping: str) -> Callable:
     """jitted (meta_params, tasks) -> per-task held-out metric of the solve from theta (config's budget)."""
-    solver = meta_grad_lib.make_inner_solver(config, differentiable=False)
-    problem = inner_lib.InnerProblem(
-        loss=meta_grad_lib.support_loss_fn(model, family.loss), l2reg=config.inner.l2reg
+    problem, solver = inner_lib.from_config(
+        config, functools.partial(family.loss, model), differentiable=False
     )
     metric = family.metric_names[0]
 
@@ -55,8 +54,8 @@ def _adapted_metric_fn(config: ml_collections.ConfigDict, model, family) -> Call
         return family.eval_metrics(model, adapted, *tasks_lib.query(task))[metric]
 
     return jax.jit(
-        lambda meta_params, tasks: meta_grad_lib.map_tasks(
-            lambda task: one_task(meta_params, task), meta_grad_lib.vmap_tasks(config), tasks
+        lambda meta_params, tasks: mapping_lib.map_tasks(
+            lambda task: one_task(meta_params, task), task_mapping, tasks
         )
     )
 
@@ -65,6 +64,8 @@ def kshot_curves(
     config: ml_collections.ConfigDict,
     meta_params: Any,
     eval_key: jax.Array,
+    family,
+    task_mapping: str,
     shots: Sequence[int] = (5, 10, 20),
     budgets: Sequence[int] = (0, 1, 2, 5, 10, 20),
     num_tasks: int | None = None,
@@ -74,7 +75,7 @@ def kshot_curves(
     For each K the held-out tasks are the evaluation's tasks i = 0..num_tasks-1 with K support points (their
     query points and functions do not depend on K for sinusoid). `budgets` are inner L-BFGS iteration caps
     of the adapted solve (0: the prior, not adapted); the full evaluation at config.inner.maxiter gives every
-    baseline of `evaluation.methods` on the same tasks.
+    baseline of `evaluation.methods` on the same tasks. Tasks and solves are mapped with `task_mapping`.
     """
     if config.tasks.family != "sinusoid":
         raise config_lib.ConfigError(
@@ -84,16 +85,15 @@ def kshot_curves(
     if not shots or min(shots) < 1 or (budgets and min(budgets) < 0):
         raise config_lib.ConfigError(f"shots must be >= 1 and budgets >= 0; got {shots} and {budgets}")
     num_tasks = num_tasks or config.eval.num_tasks
-    model = model_lib.make_model(config)
+    model = family.make_model(config)
+    metric = family.metric_names[0]
     rows = []
     for k in shots:
         config_k = config_lib.with_fields(
             config, {"tasks.num_support": int(k), "eval.num_tasks": int(num_tasks)}
         )
-        evaluator = evaluation.Evaluator(config_k, model, eval_key)
+        evaluator = evaluation.Evaluator(config_k, model, eval_key, family, task_mapping)
         summary, outputs = evaluator(meta_params)
-        family = evaluator.family
-        metric = family.metric_names[0]
         tasks = outputs["tasks"]  # The evaluation's own tasks: every budget is scored on them.
         by_budget = {}
         for budget in budgets:
@@ -101,7 +101,7 @@ def kshot_curves(
                 mean, ci = summary[f"eval/prior_{metric}"], summary[f"eval/prior_{metric}_ci95"]
             else:
                 config_b = config_lib.with_fields(config_k, {"inner.maxiter": int(budget)})
-                fn = _adapted_metric_fn(config_b, model, family)
+                fn = _adapted_metric_fn(config_b, model, family, task_mapping)
                 mean, ci = evaluation.mean_ci95(np.asarray(fn(meta_params, tasks)))
             by_budget[str(budget)] = dict(mean=mean, ci95=ci)
         rows.append(
@@ -116,7 +116,7 @@ def kshot_curves(
             )
         )
     return dict(
-        metric=families_lib.get_family(config).metric_names[0],
+        metric=metric,
         num_tasks=int(num_tasks),
         full_budget=int(config.inner.maxiter),
         shots=[int(k) for k in shots],

@@ -19,7 +19,7 @@ import numpy as np
 
 from trainer import checkpointing, evaluation, executables, families, figures, monitoring, optim, parallel
 from trainer import config as config_lib
-from trainer import meta_grad as meta_grad_lib
+from trainer import mapping as mapping_lib
 from trainer import model as model_lib
 from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
@@ -277,7 +277,6 @@ def _train_and_evaluate(
     cleanup.enter_context(workdir_lib.run_lock(workdir, log=print if is_main else lambda message: None))
     # From here on SIGTERM/SIGINT stop the run at the next step boundary (start-up and compilation too).
     preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
-    dtype = model_lib.dtype_of(config)
     family = families.get_family(config)
     model = family.make_model(config)
     keys = tasks_lib.split_keys(config.seed)
@@ -291,8 +290,9 @@ def _train_and_evaluate(
                 f"tasks.family {config.tasks.family!r}: expected one of {known}"
             )
     task_data = family.load_data(config)  # Host arrays (Omniglot's images; None for sinusoid), loaded once.
-    task_meta_grad = meta_grad_lib.make_task_meta_grad(config, model, family)
-    backend = parallel.make_backend(config, task_meta_grad, optimizer, dtype, data=task_data.train)
+    task_mapping = mapping_lib.task_mapping(config)  # "vmap" or "map", for the step and the evaluations.
+    local_step = train_step_lib.make_train_step(config, model, family, optimizer, task_mapping)
+    backend = parallel.make_backend(config, local_step, family, task_data.train)
 
     host_state = jax.tree.map(
         np.asarray,
@@ -331,7 +331,7 @@ def _train_and_evaluate(
         f"device(s) ({backend.name}, {jax.devices()[0].platform}); workdir {workdir}"
     )
     writer.write_config(config)
-    evaluator = evaluation.Evaluator(config, model, keys["eval"], data=task_data.test, family=family)
+    evaluator = evaluation.Evaluator(config, model, keys["eval"], family, task_mapping, data=task_data.test)
     state = backend.put_state(host_state)
     task_key = jax.numpy.asarray(host_state.task_key)
     last = config.train.num_steps

@@ -9,6 +9,7 @@ the same optax update (the mean over the kept tasks) to its replica of the meta-
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -105,6 +106,7 @@ def train_step(
     task_batch,
     *,
     task_meta_grad: meta_grad_lib.TaskMetaGrad,
+    task_mapping: str,
     optimizer: optax.GradientTransformation,
     task_filter: TaskFilter,
     axis_name: str | None = None,
@@ -114,8 +116,11 @@ def train_step(
     The meta-gradient is the mean of the kept tasks' meta-gradients over the whole meta-batch (`task_filter`
     decides which are kept; the sums and the count are all-reduced separately, so devices may keep different
     numbers of tasks). A step that keeps no task leaves the meta-parameters and optimizer state unchanged.
+    `task_mapping` ("vmap" or "map", `mapping.task_mapping`) maps `task_meta_grad` over the local tasks.
     """
-    grads_T, per_task = meta_grad_lib.batch_meta_grad(task_meta_grad, state.meta_params, task_batch)
+    grads_T, per_task = meta_grad_lib.batch_meta_grad(
+        task_meta_grad, state.meta_params, task_batch, task_mapping
+    )
     keep_T = task_filter(grads_T, per_task)
     num_kept = _all_reduce(keep_T.astype(jnp.int32), "sum", axis_name)
     grad = jax.tree.map(lambda g: _kept_mean(g, keep_T, num_kept, axis_name), grads_T)
@@ -162,3 +167,21 @@ def train_step(
         metrics[name] = _kept_mean(per_task[name], keep_T, num_kept, axis_name)
     new_state = state.replace(step=state.step + 1, meta_params=meta_params, opt_state=opt_state)
     return new_state, metrics
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model,
+    family,
+    optimizer: optax.GradientTransformation,
+    task_mapping: str,
+):
+    """`train_step` with every dependency bound (the one place the step is assembled):
+    (state, task_batch, axis_name=None) -> (state, metrics). `parallel` distributes it."""
+    return functools.partial(
+        train_step,
+        task_meta_grad=meta_grad_lib.make_task_meta_grad(config, model, family),
+        task_mapping=task_mapping,
+        optimizer=optimizer,
+        task_filter=TaskFilter.from_config(config),
+    )
