@@ -23,7 +23,6 @@ from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 LOOSE_KEY = "implicit_loose_inner_tol"  # The row of settings.loose_inner_tol (read by the report).
 UNCAPPED_TOL = 1e-30  # A CG tolerance never reached: the solve runs exactly solver_maxiter iterations.
@@ -45,11 +44,11 @@ def exact_meta_grads(problem: Problem, settings: Settings, task_batch) -> tuple[
     )
 
     def one_task(theta, task):
-        support = tasks_lib.support(task)
+        support = families.support(task)
         x_star, stats = solver.solve(inner_problem, theta, theta, support)
         x_flat, unravel = ravel_pytree(x_star)
         hessian = jax.hessian(lambda v: inner_problem.loss(unravel(v), support))(x_flat)
-        query_grad = jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star)
+        query_grad = jax.grad(lambda p: model_lib.mse_loss(model, p, *families.query(task)))(x_star)
         rhs = ravel_pytree(query_grad)[0]
         return lam * jnp.linalg.solve(
             hessian + lam * jnp.eye(x_flat.size, dtype=x_flat.dtype), rhs

@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainer import evaluate, families
+from trainer import families, runs
 from trainer import inner_solver as inner_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
@@ -32,10 +31,10 @@ with warnings.catch_warnings():
 
 
 def replay(workdir: str, step: int) -> list[dict[str, float]]:
-    config, model, theta, _ = evaluate.load_run(workdir, step, None)
+    config, _, model, theta, _ = runs.load_run(workdir, step, None)
     family = families.get_family(config)
     dtype = model_lib.dtype_of(config)
-    key = jnp.asarray(tasks_lib.split_keys(config.seed)["train"], jnp.uint32)
+    key = jnp.asarray(families.split_keys(config.seed)["train"], jnp.uint32)
     batch = family.sample(None, key, step, jnp.arange(config.train.meta_batch_size), dtype)
     problem, safeguarded = inner_lib.from_config(
         config, functools.partial(family.loss, model), differentiable=False
@@ -53,7 +52,7 @@ def replay(workdir: str, step: int) -> list[dict[str, float]]:
 
     @jax.jit
     def one(task):
-        support, query = tasks_lib.support(task), tasks_lib.query(task)
+        support, query = families.support(task), families.query(task)
         x_plain, state = plain.run(theta_flat, theta_flat, support)
         x_safe, stats = safeguarded.solve(problem, theta, theta, support)
         x_safe_flat = jax.flatten_util.ravel_pytree(x_safe)[0]
@@ -99,7 +98,7 @@ def main() -> None:
     parser.add_argument("--save", default="", help="write the first failed task's problem to this .npz")
     args = parser.parse_args()
     rows, config, theta_flat, batch = replay(args.workdir, args.step)
-    tol = evaluate.load_config(args.workdir).inner.tol
+    tol = runs.load_config(args.workdir).inner.tol
     bad = [r for r in rows if not r["plain_residual"] <= tol]
     print(f"step {args.step}: {len(bad)} of {len(rows)} plain L-BFGS solves did not converge (tol {tol:g})")
     for r in bad:

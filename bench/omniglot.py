@@ -45,7 +45,6 @@ import numpy as np  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import families, mapping, optim, parallel  # noqa: E402  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
-from trainer import tasks as tasks_lib  # noqa: E402
 from trainer import train_step as train_step_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +119,7 @@ def _flops(fn, *args) -> float:
 def piece_flops(config, model, theta, task) -> dict[str, float]:
     """FLOPs of one support-loss evaluation with gradient, one Hessian-vector product, one query gradient."""
     family_loss = model_lib.cross_entropy_loss
-    support, query = tasks_lib.support(task), tasks_lib.query(task)
+    support, query = families.support(task), families.query(task)
     lam = config.inner.l2reg
     objective = lambda x: (
         family_loss(model, x, *support)
@@ -138,7 +137,7 @@ def piece_flops(config, model, theta, task) -> dict[str, float]:
 
 def measure(config, steps: int, log) -> dict:
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     optimizer, _ = optim.make_optimizer(config)
     data = _synthetic_data(config, np.random.default_rng(0))
     family = families.get_family(config)

@@ -152,7 +152,7 @@ def _cache(section: dict[str, Any]) -> list[str]:
     }
     lines += [
         f"The step ({section['meta_batch']} tasks, one device) got in a fresh process with the trainer's "
-        "set-up (train.configure_jax and trainer.executables, compile_cache_dir in an empty folder), then in "
+        "set-up (executables.configure_jax and trainer.executables, compile_cache_dir in an empty folder), then in "
         "two more fresh processes with the same folder, as resumed runs. Time = until the compiled step is "
         "ready to run.",
         "",

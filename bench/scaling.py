@@ -49,7 +49,7 @@ def run_worker(
 ) -> dict[str, Any]:
     """One device count in a subprocess; a row with an `error` when it fails.
 
-    With `cache_dir`, the worker uses the trainer's persistent compilation cache there (train.configure_jax)
+    With `cache_dir`, the worker uses the trainer's persistent compilation cache there (executables.configure_jax)
     and, if `executable`, gets its step as the train loop does (trainer.executables: the executable saved
     there, or compiled and saved).
     """
@@ -155,7 +155,7 @@ def _worker_main(argv: list[str] | None = None) -> None:
 
     from bench.settings import Problem, Settings, make_backend, make_config
     from bench.timing import time_calls
-    from trainer import executables, train
+    from trainer import executables
 
     if args.no_compile_cache and not args.cache_dir:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -170,7 +170,7 @@ def _worker_main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_enable_x64", config.model.dtype == "float64")
     if args.cache_dir:  # The trainer's own set-up, as in a training run with compile_cache_dir=DIR.
         config.compile_cache_dir = args.cache_dir
-        train.configure_jax(config, workdir=args.cache_dir)
+        executables.configure_jax(config, workdir=args.cache_dir)
     problem = Problem.create(config)
     backend = make_backend(config, problem)
     host_state = problem.host_state()

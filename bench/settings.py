@@ -13,7 +13,6 @@ import numpy as np
 from trainer import config as config_lib
 from trainer import families, mapping, optim, parallel
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
 
@@ -114,7 +113,7 @@ class Problem:
     @classmethod
     def create(cls, config: ml_collections.ConfigDict) -> Problem:
         model = model_lib.make_model(config)
-        keys = tasks_lib.split_keys(config.seed)
+        keys = families.split_keys(config.seed)
         optimizer, _ = optim.make_optimizer(config)
         return cls(
             config,
@@ -130,9 +129,11 @@ class Problem:
             np.asarray, train_step_lib.create_train_state(self.meta_params, self.optimizer, self.task_key)
         )
 
-    def tasks(self, num_tasks: int) -> tasks_lib.TaskBatch:
+    def tasks(self, num_tasks: int) -> families.TaskBatch:
         """Tasks 0..num_tasks-1 of step 0: every section and formulation sees the same ones."""
-        return tasks_lib.sample_tasks(self.config.tasks, self.task_key, 0, jnp.arange(num_tasks), self.dtype)
+        return families.Sinusoid(self.config).sample(
+            None, self.task_key, 0, jnp.arange(num_tasks), self.dtype
+        )
 
 
 def make_backend(config: ml_collections.ConfigDict, problem: Problem):

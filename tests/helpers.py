@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from trainer import config as config_lib
-from trainer import families, mapping, optim, parallel
+from trainer import families, mapping, optim, parallel, sinusoid
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +38,23 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     return config_lib.with_fields(c, overrides)
 
 
+def sinusoid_tasks(tasks_cfg, base_key, step, task_indices, dtype=jnp.float32):
+    """Reference sampler: sinusoid tasks of a step by their global indices, from the documented key rule
+    (fold_in(fold_in(key, step), i); fold_in(key, i mod pool) for a fixed pool), not the family's code."""
+    if tasks_cfg.num_fixed_train_tasks:
+        step_key, task_indices = base_key, task_indices % tasks_cfg.num_fixed_train_tasks
+    else:
+        step_key = jax.random.fold_in(base_key, step)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, task_indices)
+    return jax.vmap(lambda k: sinusoid.sample_task(k, tasks_cfg, dtype))(keys)
+
+
+def sinusoid_heldout(tasks_cfg, eval_key, num_tasks, dtype=jnp.float32):
+    """Reference held-out sinusoid tasks 0..num_tasks-1: fold_in(eval_key, i), never from a fixed pool."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(eval_key, jnp.arange(num_tasks))
+    return jax.vmap(lambda k: sinusoid.sample_task(k, tasks_cfg, dtype))(keys)
+
+
 def support_loss(model):
     """(params, (x, y)) -> the support MSE: the inner problem's loss built by hand (not by inner_solver)."""
     return lambda params, data: model_lib.mse_loss(model, params, *data)
@@ -48,7 +65,7 @@ def make_backend(config: ml_collections.ConfigDict, wrap_step=lambda step: step)
     built as train.py builds them; `wrap_step` wraps the bound train step (e.g. chex.assert_max_traces)."""
     family = families.get_family(config)
     model = family.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     optimizer, _ = optim.make_optimizer(config)
     local_step = train_step_lib.make_train_step(
         config, model, family, optimizer, mapping.task_mapping(config)

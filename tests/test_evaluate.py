@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from trainer import checkpointing, evaluate, evaluation, families, optim, train
+from trainer import checkpointing, evaluate, evaluation, executables, families, optim, runs
 from trainer import config as config_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 
 
@@ -43,9 +42,9 @@ def saved_run(tmp_path_factory):
     checkpoints of steps 2 and 4 (meta-parameters moved away from the init so that the steps differ)."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = helpers.small_config()
-    train.configure_jax(config)
+    executables.configure_jax(config)
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     optimizer, _ = optim.make_optimizer(config)
     checkpointing.write_config(workdir, config)
     checkpointer = checkpointing.Checkpointer(workdir, config)
@@ -70,7 +69,7 @@ def test_latest_checkpoint_matches_a_direct_evaluation(saved_run):
     assert list(saved["methods"]) == list(evaluation.METHODS) and saved["metric_names"] == ["mse"]
     # Reference: the evaluator run on the in-memory parameters, without config.json or the checkpoint.
     reference, _ = evaluation.Evaluator(
-        config, model, tasks_lib.split_keys(config.seed)["eval"], families.get_family(config), "map"
+        config, model, families.split_keys(config.seed)["eval"], families.get_family(config), "map"
     )(params[4])
     for method in evaluation.METHODS:
         np.testing.assert_allclose(
@@ -111,7 +110,7 @@ def test_num_tasks_overrides_the_saved_config(saved_run, monkeypatch):
 
     seen = {}
 
-    def evaluator(config, model, eval_key):
+    def evaluator(config, model, eval_key, family, task_mapping):
         seen["num_tasks"] = config.eval.num_tasks
         raise Stop  # The wiring is what is tested here; skip compiling an evaluator of another size.
 
@@ -119,7 +118,7 @@ def test_num_tasks_overrides_the_saved_config(saved_run, monkeypatch):
     with pytest.raises(Stop):
         evaluate.evaluate_workdir(saved_run[0], num_tasks=3)
     assert seen["num_tasks"] == 3
-    with pytest.raises(evaluate.EvaluationError, match="--num_tasks must be >= 1"):
+    with pytest.raises(runs.RunError, match="--num_tasks must be >= 1"):
         evaluate.evaluate_workdir(saved_run[0], num_tasks=0)
 
 
@@ -133,11 +132,11 @@ def test_cli_on_an_empty_workdir_fails_clearly(tmp_path):
 
 def test_missing_checkpoint_or_step_is_a_clear_error(saved_run, tmp_path):
     checkpointing.write_config(str(tmp_path), helpers.small_config())
-    with pytest.raises(evaluate.EvaluationError, match="no checkpoints in"):
+    with pytest.raises(runs.RunError, match="no checkpoints in"):
         evaluate.evaluate_workdir(str(tmp_path))
-    with pytest.raises(evaluate.EvaluationError, match=r"no checkpoint of step 3 .*steps: \[2, 4\]$"):
+    with pytest.raises(runs.RunError, match=r"no checkpoint of step 3 .*steps: \[2, 4\]$"):
         evaluate.evaluate_workdir(saved_run[0], step=3)
-    with pytest.raises(evaluate.EvaluationError, match="does not exist"):
+    with pytest.raises(runs.RunError, match="does not exist"):
         evaluate.evaluate_workdir(str(tmp_path / "missing"))
 
 
@@ -149,7 +148,7 @@ def test_the_config_saved_with_the_checkpoint_wins_over_an_edited_config_json(sa
     saved["inner"]["l2reg"], saved["model"]["activation"] = 2.0, "relu"
     json.dump(saved, open(checkpointing.config_path(edited), "w"))
     warnings = []
-    loaded, _, meta_params, step = evaluate.load_run(edited, None, None, warn=warnings.append)
+    loaded, _, _, meta_params, step = runs.load_run(edited, None, None, warn=warnings.append)
     assert step == 4 and config_lib.to_dict(loaded) == config_lib.to_dict(config)
     assert loaded.inner.l2reg == config.inner.l2reg and loaded.model.activation == config.model.activation
     for a, b in zip(jax.tree.leaves(meta_params), jax.tree.leaves(params[4]), strict=True):
@@ -159,14 +158,14 @@ def test_the_config_saved_with_the_checkpoint_wins_over_an_edited_config_json(sa
     assert "model.activation (config.json 'relu', checkpoint" in warning and "2 field(s)" in warning
     os.remove(checkpointing.config_path(edited))  # The checkpoint alone is enough.
     assert config_lib.to_dict(
-        evaluate.load_run(edited, 2, None, warn=warnings.append)[0]
+        runs.load_run(edited, 2, None, warn=warnings.append).config
     ) == config_lib.to_dict(config)
 
 
 def test_load_config_round_trips_and_names_bad_fields(tmp_path):
     config = helpers.small_config(**{"model.hidden_sizes": (5, 7), "inner.l2reg": 0.5})
     checkpointing.write_config(str(tmp_path), config)
-    loaded = evaluate.load_config(str(tmp_path))
+    loaded = runs.load_config(str(tmp_path))
     assert config_lib.to_dict(loaded) == config_lib.to_dict(config)
     assert loaded.model.hidden_sizes == (5, 7)
 
@@ -175,4 +174,4 @@ def test_load_config_round_trips_and_names_bad_fields(tmp_path):
     with open(checkpointing.config_path(str(tmp_path)), "w") as f:
         json.dump(saved, f)
     with pytest.raises(config_lib.ConfigError, match=r"config.json: .*inner.typo_field"):
-        evaluate.load_config(str(tmp_path))
+        runs.load_config(str(tmp_path))

@@ -23,7 +23,6 @@ from trainer import checkpointing, evaluate, evaluation, executables, families, 
 from trainer import config as config_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 SHARED = os.path.normpath(os.path.join(helpers.REPO, "..", "shared", "data", "omniglot"))
 REAL_CACHE = os.environ.get(
@@ -70,9 +69,9 @@ def test_sinusoid_family_is_the_task_module_unchanged():
     key = jax.random.PRNGKey(3)
     assert family.load_data(config) == families.TaskData(None, None)
     ours = family.sample(None, key, 5, jnp.arange(6), jnp.float64)
-    reference = tasks_lib.sample_tasks(config.tasks, key, 5, jnp.arange(6), jnp.float64)
+    reference = helpers.sinusoid_tasks(config.tasks, key, 5, jnp.arange(6), jnp.float64)
     held = family.heldout(None, key, jnp.arange(6), jnp.float64)
-    held_reference = tasks_lib.heldout_tasks(config.tasks, key, 6, jnp.float64)
+    held_reference = helpers.sinusoid_heldout(config.tasks, key, 6, jnp.float64)
     for name in reference:
         np.testing.assert_array_equal(ours[name], reference[name])
         np.testing.assert_array_equal(held[name], held_reference[name])
@@ -223,7 +222,7 @@ def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     model = model_lib.make_model(config)
     family = families.get_family(config)
     data = family.load_data(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     before, _ = evaluation.Evaluator(
         config, model, keys["eval"], families.get_family(config), "map", data=data.test
     )(model_lib.init_params(model, keys["init"]))
@@ -254,8 +253,8 @@ def test_polynomial_tasks_are_their_polynomials_keyed_by_step_and_index():
 
     @jax.jit  # One program for the three draws (compiling random sampling takes seconds).
     def draw(key):
-        # Task 2 of step 5 alone, from its own key (trainer/tasks.py), then within a batch.
-        alone = family.sample_task(tasks_lib.task_keys(key, 5, jnp.arange(4))[2], jnp.float64)
+        # Task 2 of step 5 alone, from its own key (families.task_keys), then within a batch.
+        alone = family.sample_task(families.task_keys(key, 5, jnp.arange(4))[2], jnp.float64)
         tasks = family.sample(None, key, 5, jnp.arange(4), jnp.float64)
         return alone, tasks, noisy.heldout(None, key, jnp.arange(200), jnp.float64)
 

@@ -15,7 +15,6 @@ from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -39,7 +38,7 @@ def _failed_task_problem():
         }
     )
     model = model_lib.make_model(config)
-    template = model_lib.init_params(model, tasks_lib.split_keys(0)["init"])
+    template = model_lib.init_params(model, families.split_keys(0)["init"])
     theta = ravel_pytree(template)[1](jnp.asarray(saved["theta"]))
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     return config, problem, theta, (jnp.asarray(saved["support_x"]), jnp.asarray(saved["support_y"]))
@@ -88,14 +87,14 @@ def test_safeguarded_lbfgs_never_ends_above_its_start(maxls):
         }
     )
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(1)
+    keys = families.split_keys(1)
     theta = jax.tree.map(lambda a: 3.0 * a, model_lib.init_params(model, keys["init"]))
-    batch = tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(32), jnp.float64)
+    batch = helpers.sinusoid_tasks(config.tasks, keys["train"], 0, jnp.arange(32), jnp.float64)
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     solver = inner_lib.make_solver(config, differentiable=False)
 
     def one(task):
-        support = tasks_lib.support(task)
+        support = families.support(task)
         x, stats = solver.solve(problem, theta, theta, support)
         return problem.objective(theta, theta, support), problem.objective(x, theta, support), stats
 
@@ -110,16 +109,16 @@ def test_converged_lbfgs_returns_jaxopts_own_solution():
     """Where no line search fails, the safeguarded loop is jaxopt's: the same iterate and count."""
     config = helpers.small_config(**{"inner.tol": 1e-10, "inner.maxiter": 500})
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
-    task = jax.tree.map(lambda a: a[0], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
+    task = jax.tree.map(lambda a: a[0], helpers.sinusoid_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     flat_objective, theta_flat, _ = inner_lib.flat_problem(problem, theta)
     inner = config.inner
     plain = _plain_lbfgs(flat_objective, inner)
-    x_plain, state = jax.jit(plain.run)(theta_flat, theta_flat, tasks_lib.support(task))
+    x_plain, state = jax.jit(plain.run)(theta_flat, theta_flat, families.support(task))
     solver = inner_lib.make_solver(config, differentiable=False)
-    x, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, tasks_lib.support(task))
+    x, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, families.support(task))
     assert int(stats.linesearch_failures) == 0 and bool(stats.converged)
     assert int(stats.iterations) == int(state.iter_num)
     np.testing.assert_array_equal(ravel_pytree(x)[0], x_plain)
@@ -139,9 +138,9 @@ def test_gd_solver_meta_gradient_matches_dense_hessian_solve():
     }
     config = helpers.small_config(**fields)
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
-    task = jax.tree.map(lambda a: a[1], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(2)))
+    task = jax.tree.map(lambda a: a[1], helpers.sinusoid_tasks(config.tasks, keys["train"], 0, jnp.arange(2)))
     grad, metrics = jax.jit(meta_grad_lib.make_task_meta_grad(config, model, families.get_family(config)))(
         theta, task
     )
@@ -151,12 +150,10 @@ def test_gd_solver_meta_gradient_matches_dense_hessian_solve():
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=lam)
     x_star, _ = jax.jit(
         lambda t, d: inner_lib.make_solver(config, differentiable=False).solve(problem, t, t, d)
-    )(theta, tasks_lib.support(task))
+    )(theta, families.support(task))
     x_flat, unravel = ravel_pytree(x_star)
-    hessian = jax.hessian(lambda v: problem.loss(unravel(v), tasks_lib.support(task)))(x_flat)
-    g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star))[
-        0
-    ]
+    hessian = jax.hessian(lambda v: problem.loss(unravel(v), families.support(task)))(x_flat)
+    g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *families.query(task)))(x_star))[0]
     exact = lam * jnp.linalg.solve(hessian + lam * jnp.eye(x_flat.size), g_query)
     got = ravel_pytree(grad)[0]
     assert float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact)) < 1e-6
@@ -166,10 +163,10 @@ def test_gd_solver_takes_the_fixed_steps():
     """K steps of x <- x - alpha (grad L(x) + lambda (x - theta)), counted, when tol is not reached."""
     config = helpers.small_config(**{"inner.solver": "gd", "inner.gd_stepsize": 0.05, "inner.maxiter": 7})
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
-    task = jax.tree.map(lambda a: a[0], tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
-    support = tasks_lib.support(task)
+    task = jax.tree.map(lambda a: a[0], helpers.sinusoid_tasks(config.tasks, keys["train"], 0, jnp.arange(1)))
+    support = families.support(task)
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     x, stats = jax.jit(
         lambda t, d: inner_lib.make_solver(config, differentiable=False).solve(problem, t, t, d)

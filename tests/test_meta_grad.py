@@ -12,15 +12,14 @@ from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import meta_grad as meta_grad_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 
 def _setup(num_tasks=4, **overrides):
     config = helpers.small_config(**overrides)
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
-    batch = tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(num_tasks), jnp.float64)
+    batch = helpers.sinusoid_tasks(config.tasks, keys["train"], 0, jnp.arange(num_tasks), jnp.float64)
     return config, model, theta, batch
 
 
@@ -59,13 +58,11 @@ def _exact_implicit_grad(config, model, theta, task, damping=0.0):
     lam = config.inner.l2reg
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=lam)
     solver = inner_lib.make_solver(config, differentiable=False)
-    x_star, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, tasks_lib.support(task))
+    x_star, stats = jax.jit(lambda t, d: solver.solve(problem, t, t, d))(theta, families.support(task))
     assert bool(stats.converged), f"inner solve did not converge: residual {stats.residual}"
     x_flat, unravel = ravel_pytree(x_star)
-    hessian = jax.hessian(lambda v: problem.loss(unravel(v), tasks_lib.support(task)))(x_flat)
-    g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star))[
-        0
-    ]
+    hessian = jax.hessian(lambda v: problem.loss(unravel(v), families.support(task)))(x_flat)
+    g_query = ravel_pytree(jax.grad(lambda p: model_lib.mse_loss(model, p, *families.query(task)))(x_star))[0]
     return unravel(lam * jnp.linalg.solve(hessian + (lam + damping) * jnp.eye(x_flat.size), g_query))
 
 
@@ -97,8 +94,8 @@ def test_implicit_matches_finite_differences_of_solution_map():
 
     @jax.jit
     def meta_loss(t):
-        x, _ = solver.solve(problem, t, t, tasks_lib.support(task))
-        return model_lib.mse_loss(model, x, *tasks_lib.query(task))
+        x, _ = solver.solve(problem, t, t, families.support(task))
+        return model_lib.mse_loss(model, x, *families.query(task))
 
     theta_flat, unravel = ravel_pytree(theta)
     grad_flat = ravel_pytree(grad)[0]
@@ -185,9 +182,9 @@ def test_first_order_is_query_gradient_at_solution():
     )
     problem = inner_lib.InnerProblem(loss=helpers.support_loss(model), l2reg=config.inner.l2reg)
     x_star, _ = inner_lib.make_solver(config, differentiable=False).solve(
-        problem, theta, theta, tasks_lib.support(task)
+        problem, theta, theta, families.support(task)
     )
-    expected = jax.grad(lambda p: model_lib.mse_loss(model, p, *tasks_lib.query(task)))(x_star)
+    expected = jax.grad(lambda p: model_lib.mse_loss(model, p, *families.query(task)))(x_star)
     assert _rel_err(grad, expected) < 1e-10
     exact = _exact_implicit_grad(config, model, theta, task)
     assert _rel_err(grad, exact) > 1e-3  # First order really is a different (biased) estimator.

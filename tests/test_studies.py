@@ -14,10 +14,9 @@ import pytest
 from tests import helpers
 from tests.test_evaluate import run_evaluate_cli, saved_run  # noqa: F401  (a fixture)
 from trainer import config as config_lib
-from trainer import evaluation, studies, sweep, train
+from trainer import evaluation, executables, studies, sweep
 from trainer import families as families_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 
 def test_zero_predictor_mse_is_its_analytic_value():
@@ -32,9 +31,9 @@ def test_zero_predictor_mse_is_its_analytic_value():
 def test_every_method_is_scored_on_the_same_tasks():
     """Recomputed by hand from the evaluator's own tasks and solutions: adapted, prior and zero agree."""
     config = helpers.small_config(**{"eval.num_tasks": 5})
-    train.configure_jax(config)
+    executables.configure_jax(config)
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families_lib.split_keys(config.seed)
     meta_params = model_lib.init_params(model, keys["init"])
     summary, outputs = evaluation.Evaluator(
         config, model, keys["eval"], families_lib.get_family(config), "map"

@@ -12,7 +12,6 @@ from tests import helpers
 from trainer import config as config_lib
 from trainer import evaluation, families, train
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 
 def test_smoke_config_through_cli_writes_metrics(tmp_path):
@@ -53,7 +52,7 @@ def test_short_run_meta_learns(tmp_path):
         }
     )
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     before, _ = evaluation.Evaluator(config, model, keys["eval"], families.get_family(config), "map")(
         model_lib.init_params(model, keys["init"])
     )

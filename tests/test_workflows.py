@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from trainer import checkpointing, evaluate, monitoring, train
+from trainer import checkpointing, evaluate, monitoring, runs, train
 from trainer import config as config_lib
 
 
@@ -47,7 +47,7 @@ def test_the_best_checkpoint_is_kept_beside_the_latest_and_evaluate_picks_it(bes
         assert reader.all_steps() == sorted({best, 5})  # max_to_keep=1 latest, plus the best.
         assert reader.best_step("eval/adapted_mse", "min") == best
     messages = []
-    _, _, _, step = evaluate.load_run(workdir, "best", None, warn=messages.append)
+    step = runs.load_run(workdir, "best", None, warn=messages.append).step
     assert step == best and f"step {best}" in messages[0]
     record = evaluate.evaluate_workdir(workdir, step="best", num_tasks=4)
     np.testing.assert_allclose(record["summary"]["eval/adapted_mse"], history[best], rtol=1e-6)

@@ -79,19 +79,9 @@ def read_config(workdir: str) -> dict[str, Any] | None:
         raise CheckpointError(f"cannot read the saved config {path}: {e}") from e
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def differing_fields(a: dict[str, Any], b: dict[str, Any], names=None) -> list[tuple[str, Any, Any]]:
     """(field, value in a, value in b) for each dotted field (of `names`, default all) that differs."""
-    a_flat, b_flat = _flat(a), _flat(b)
+    a_flat, b_flat = config_lib.flatten(a), config_lib.flatten(b)
     names = sorted(set(a_flat) | set(b_flat)) if names is None else names
     return [
         (name, a_flat.get(name), b_flat.get(name)) for name in names if a_flat.get(name) != b_flat.get(name)
@@ -101,18 +91,19 @@ def differing_fields(a: dict[str, Any], b: dict[str, Any], names=None) -> list[t
 def differing_maths_fields(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
     """Fields that change the optimisation problem and differ between the saved and the current config.
 
-    `train.num_steps` counts only under a decaying learning-rate schedule, whose length it sets. A field the
-    saved config lacks (written before the field existed) has its default value, as `evaluate.load_run` reads it.
+    `train.num_steps` counts only when both use a decaying learning-rate schedule, whose length it sets
+    (`config.maths_fields`). The saved config is completed by the defaults (`config.from_saved`), as
+    evaluation reads it.
     """
-    saved = {**_flat(config_lib.to_dict(config_lib.default_config())), **_flat(saved)}
-    current_dict = config_lib.to_dict(current)
-    names = list(config_lib.maths_fields(current))
-    schedules = (_flat(saved).get("outer.schedule"), _flat(current_dict).get("outer.schedule"))
-    if "constant" not in schedules:
-        names.append("train.num_steps")
+    saved_config = config_lib.from_saved(saved, "the saved config", check=False)
+    names = [
+        name for name in config_lib.maths_fields(current) if name in config_lib.maths_fields(saved_config)
+    ]
     return [
         f"{name} (saved {was!r}, now {now!r})"
-        for name, was, now in differing_fields(saved, current_dict, names)
+        for name, was, now in differing_fields(
+            config_lib.to_dict(saved_config), config_lib.to_dict(current), names
+        )
     ]
 
 

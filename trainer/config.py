@@ -390,15 +390,50 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flatten(
+    config: ml_collections.ConfigDict | dict[str, Any], keep: tuple[str, ...] = (), prefix: str = ""
+) -> dict[str, Any]:
+    """{"group.field": value} of a config or of its `to_dict` / JSON form (the one flattening of the package);
+    a group named in `keep` stays one value (e.g. "tasks.options" for validation)."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict) and name != "tasks.options":
-            flat.update(_flatten(value, name + "."))
+        if isinstance(value, (ml_collections.ConfigDict, dict)) and name not in keep:
+            flat.update(flatten(value, keep, name + "."))
         else:
             flat[name] = value
     return flat
+
+
+def update_from_dict(config: ml_collections.ConfigDict, saved: dict[str, Any], source: str) -> None:
+    """Sets every field of `saved` (a `to_dict` / JSON form, `source` names it in errors) in `config`; JSON
+    lists become the schema's tuples, and unknown fields are added (validate() reports them)."""
+    for name, value in flatten(saved).items():
+        *groups, key = name.split(".")
+        node = config
+        try:
+            for group in groups:
+                if group not in node:
+                    node[group] = ml_collections.ConfigDict()
+                node = node[group]
+                if not isinstance(node, ml_collections.ConfigDict):
+                    raise TypeError(f"{group!r} is a field, not a group")
+            node[key] = tuple(value) if isinstance(value, list) else value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: field '{name}' = {value!r} does not fit the schema: {e}") from e
+
+
+def from_saved(saved: dict[str, Any], source: str, check: bool = True) -> ml_collections.ConfigDict:
+    """A saved config (config.json, a checkpoint's) completed by `default_config()`: a field it lacks, written
+    before that field existed, has its default. Validated unless `check` is False; `source` names it."""
+    config = default_config()
+    update_from_dict(config, saved, source)
+    if not check:
+        return config
+    try:
+        return validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def _nearest_multiples(value: int, divisor: int) -> list[int]:
@@ -418,7 +453,7 @@ def with_fields(config: ml_collections.ConfigDict, fields: dict[str, Any]) -> ml
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field against the schema; raises ConfigError naming the first bad field."""
-    flat = _flatten(config)
+    flat = flatten(config, keep=("tasks.options",))
     unknown = sorted(set(flat) - set(RULES))
     if unknown:
         raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(RULES)}")
@@ -563,7 +598,8 @@ def maths_fields(config: ml_collections.ConfigDict | None = None) -> tuple[str, 
     """Fields whose change alters the optimisation problem (refused on resume unless overridden).
 
     "tasks.options" stands for all of an imported family's fields; given the config, they are also named
-    one by one (tasks.options.<name>), as the flattened saved config has them.
+    one by one (tasks.options.<name>), as the flattened saved config has them. Under a decaying learning-rate
+    schedule of the given config, train.num_steps (the schedule's length) is one of them.
     """
     groups = ("seed", "model", "tasks", "inner", "meta_grad", "outer")
     names = tuple(
@@ -571,8 +607,11 @@ def maths_fields(config: ml_collections.ConfigDict | None = None) -> tuple[str, 
         for name in RULES
         if (name.split(".")[0] in groups or name == "train.meta_batch_size") and name not in _NOT_MATHS
     )
-    options = () if config is None else tuple(f"tasks.options.{k}" for k in sorted(config.tasks.options))
-    return names + options
+    if config is None:
+        return names
+    options = tuple(f"tasks.options.{k}" for k in sorted(config.tasks.options))
+    schedule_length = ("train.num_steps",) if config.outer.schedule != "constant" else ()
+    return names + options + schedule_length
 
 
 def known_field(name: str) -> bool:

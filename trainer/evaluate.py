@@ -19,18 +19,12 @@ import os
 import sys
 from typing import Any
 
-import jax
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
 
-from trainer import checkpointing, evaluation, families, monitoring, omniglot, optim, studies, train
+from trainer import checkpointing, evaluation, families, monitoring, omniglot, runs, studies
 from trainer import config as config_lib
 from trainer import figures as figures_lib
 from trainer import mapping as mapping_lib
-from trainer import model as model_lib
-from trainer import tasks as tasks_lib
-from trainer import train_step as train_step_lib
 from trainer import workdir as workdir_lib
 
 DESCRIPTIONS = {
@@ -41,131 +35,6 @@ DESCRIPTIONS = {
     "scratch_prox": "inner solve with the same lambda around a random init",
     "scratch": "lambda = 0 fit from a random init (no meta-learning)",
 }
-
-
-class EvaluationError(RuntimeError):
-    """The workdir cannot be evaluated: no saved config, no checkpoint, or no such step."""
-
-
-def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], source: str, prefix: str = "") -> None:
-    for key, value in saved.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
-            _update(node[key], value, source, name + ".")
-            continue
-        if isinstance(value, list):
-            value = tuple(value)  # JSON has no tuples; the schema's sequences are tuples.
-        try:
-            node[key] = value  # Unknown keys are added here and reported by validate().
-        except (TypeError, ValueError) as e:
-            raise config_lib.ConfigError(
-                f"{source}: field '{name}' = {value!r} does not fit the schema: {e}"
-            ) from e
-
-
-def config_from_dict(saved: dict[str, Any], source: str) -> ml_collections.ConfigDict:
-    """`default_config()` updated with a saved config (`source` names it in errors), then validated."""
-    config = config_lib.default_config()
-    _update(config, saved, source)
-    try:
-        return config_lib.validate(config)
-    except config_lib.ConfigError as e:
-        raise config_lib.ConfigError(f"{source}: {e}") from e
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config of `DIR/config.json` (the last run's, for reading; evaluation uses the checkpoint's)."""
-    path = checkpointing.config_path(workdir)
-    saved = checkpointing.read_config(workdir)
-    if saved is None:
-        raise EvaluationError(
-            f"{path} does not exist: {workdir} is not a training workdir "
-            "(train writes config.json when a run starts)"
-        )
-    return config_from_dict(saved, path)
-
-
-def _checkpoint_config(
-    workdir: str, reader: checkpointing.Checkpointer, step: int, warn
-) -> ml_collections.ConfigDict:
-    """The config saved with checkpoint `step`, the source of truth for its meta-parameters.
-
-    A `config.json` that differs from it is reported (`warn`) and not used; a checkpoint written without
-    a config (none of this trainer's) falls back to config.json.
-    """
-    saved = reader.saved_meta(step).get("config")
-    path = checkpointing.config_path(workdir)
-    if saved is None:
-        warn(f"warning: checkpoint step {step} holds no config; using {path}")
-        return load_config(workdir)
-    on_disk = checkpointing.read_config(workdir)
-    differing = checkpointing.differing_fields(on_disk, saved) if on_disk is not None else []
-    if differing:
-        fields = "; ".join(f"{name} (config.json {a!r}, checkpoint {b!r})" for name, a, b in differing)
-        warn(
-            f"warning: {path} differs from the config saved with checkpoint step {step} in "
-            f"{len(differing)} field(s): {fields}; evaluating with the checkpoint's config"
-        )
-    return config_from_dict(saved, f"the config of checkpoint step {step} in {reader.directory}")
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load_run(
-    workdir: str, step: int | str | None, num_tasks: int | None, warn=_warn
-) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
-    """The config saved with checkpoint `step` (the latest when None, the best by the run's
-    checkpoint.best_metric when "best"; eval.num_tasks = num_tasks if given), its model, and its
-    meta-parameters."""
-    if not os.path.isdir(workdir):
-        raise EvaluationError(f"workdir {workdir} does not exist")
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        if checkpointing.read_config(workdir) is None:
-            raise EvaluationError(
-                f"{workdir} is not a training workdir: it has neither checkpoints/ nor config.json "
-                "(training writes both)"
-            )
-        raise EvaluationError(f"no checkpoints in {workdir}: {directory} does not exist")
-    if num_tasks is not None and num_tasks < 1:
-        raise EvaluationError(f"--num_tasks must be >= 1, got {num_tasks}")
-    with checkpointing.Checkpointer(workdir) as reader:
-        steps = reader.all_steps()
-        if not steps:
-            raise EvaluationError(
-                f"no checkpoints in {directory} (training saves one every checkpoint.every_steps and at the end)"
-            )
-        if step == "best":
-            latest = reader.saved_meta(max(steps)).get("config") or {}
-            best = latest.get("checkpoint", {})
-            if not best.get("best_metric"):
-                raise EvaluationError(
-                    f"--step=best: the run in {workdir} kept no best checkpoint (its checkpoint.best_metric "
-                    "is empty); give a step number"
-                )
-            step = reader.best_step(best["best_metric"], best.get("best_mode", "min"))
-            warn(f"--step=best: step {step}, the best {best['best_metric']} ({best.get('best_mode', 'min')})")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise EvaluationError(f"no checkpoint of step {step} in {directory}; available steps: {steps}")
-        config = _checkpoint_config(workdir, reader, step, warn)
-        if num_tasks is not None:
-            config.eval.num_tasks = num_tasks
-        train.configure_jax(config)
-        model = families.get_family(config).make_model(config)
-        keys = tasks_lib.split_keys(config.seed)
-        optimizer, _ = optim.make_optimizer(config)
-        template = jax.tree.map(
-            np.asarray,
-            train_step_lib.create_train_state(
-                model_lib.init_params(model, keys["init"]), optimizer, keys["train"]
-            ),
-        )
-        host_state = reader.restore(step, template)
-    return config, model, host_state.meta_params, int(step)
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -188,10 +57,9 @@ def evaluate_workdir(
     workdir: str, *, step: int | str | None = None, num_tasks: int | None = None
 ) -> dict[str, Any]:
     """Evaluates a checkpoint of `workdir`; writes `eval/step_<S>.json` and figures; returns the record."""
-    config, model, meta_params, step = load_run(workdir, step, num_tasks)
-    family = families.get_family(config)
+    config, family, model, meta_params, step = runs.load_run(workdir, step, num_tasks)
     evaluator = evaluation.Evaluator(
-        config, model, tasks_lib.split_keys(config.seed)["eval"], family, mapping_lib.task_mapping(config)
+        config, model, families.split_keys(config.seed)["eval"], family, mapping_lib.task_mapping(config)
     )
     summary, outputs = evaluator(meta_params)
     metric_names = tuple(evaluator.family.metric_names)
@@ -243,12 +111,12 @@ def kshot_workdir(
     num_tasks: int | None = None,
 ) -> dict[str, Any]:
     """K-shot curves of a checkpoint of `workdir` (`studies.kshot_curves`), written to eval/kshot_step_<S>.*."""
-    config, _, meta_params, step = load_run(workdir, step, num_tasks)
+    config, family, _, meta_params, step = runs.load_run(workdir, step, num_tasks)
     record = studies.kshot_curves(
         config,
         meta_params,
-        tasks_lib.split_keys(config.seed)["eval"],
-        families.get_family(config),
+        families.split_keys(config.seed)["eval"],
+        family,
         mapping_lib.task_mapping(config),
         shots,
         budgets,
@@ -267,14 +135,14 @@ def _ints(values: list[str] | None, name: str) -> list[int] | None:
     try:
         return [int(v) for v in values]
     except ValueError:
-        raise EvaluationError(f"--{name} expects comma-separated integers, got {','.join(values)}") from None
+        raise runs.RunError(f"--{name} expects comma-separated integers, got {','.join(values)}") from None
 
 
 def _step(value: str | None) -> int | str | None:
     if value is None or value == "best":
         return value
     if not value.isdigit():
-        raise EvaluationError(f'--step={value}: expected a step number or "best"')
+        raise runs.RunError(f'--step={value}: expected a step number or "best"')
     return int(value)
 
 
@@ -308,7 +176,7 @@ def main(argv):
         else:
             record = evaluate_workdir(FLAGS.workdir, step=step, num_tasks=FLAGS.num_tasks)
     except (
-        EvaluationError,
+        runs.RunError,
         config_lib.ConfigError,
         checkpointing.CheckpointError,
         omniglot.OmniglotError,

@@ -24,10 +24,10 @@ import ml_collections
 import numpy as np
 
 from trainer import config as config_lib
+from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import mapping as mapping_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 
 METHODS = ("adapted", "prior", "zero", "scratch_prox", "scratch")  # Regression's; see `methods(family)`.
 
@@ -51,7 +51,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, model, family, task_mapping:
     lam = config.inner.l2reg
 
     def one_task(meta_params, task, random_init):
-        support, query = tasks_lib.support(task), tasks_lib.query(task)
+        support, query = families.support(task), families.query(task)
         score = lambda params: family.eval_metrics(model, params, *query)
         starts = jax.tree.map(lambda a, b: jnp.stack([a, b, b]), meta_params, random_init)
         l2regs = jnp.asarray([lam, lam, 0.0], dtype=jax.tree.leaves(meta_params)[0].dtype)

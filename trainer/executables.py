@@ -1,6 +1,6 @@
 """The compiled train step, saved next to the compilation cache so that a resumed run neither traces nor compiles it.
 
-JAX's persistent compilation cache (`train.configure_jax`) skips XLA compilation on a resume, but not Python
+JAX's persistent compilation cache (`configure_jax`) skips XLA compilation on a resume, but not Python
 tracing and lowering, which for the iMAML step (jaxopt's L-BFGS and its while loops) cost several times the cache
 hit itself (benchmark section 5). As MaxText does with its `compiled_trainstep_file`, the step's executable is
 serialised (`jax.experimental.serialize_executable`) after its first compilation and loaded at the next start
@@ -105,9 +105,10 @@ def program_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields the train step's program depends on: those of the maths, the parallel layout and,
     for a decaying learning-rate schedule, the number of steps (so that extending a run with a constant
     schedule, or changing how often it evaluates, logs or checkpoints, loads the same executable)."""
-    names = [*config_lib.maths_fields(), *(name for name in config_lib.RULES if name.startswith("parallel."))]
-    if config.outer.schedule != "constant":
-        names.append("train.num_steps")
+    names = [
+        *config_lib.maths_fields(config),
+        *(name for name in config_lib.RULES if name.startswith("parallel.")),
+    ]
     return {name: repr(functools.reduce(getattr, name.split("."), config)) for name in sorted(names)}
 
 
@@ -231,6 +232,17 @@ def cache_directory(config: ml_collections.ConfigDict, workdir: str) -> str | No
     if config.compile_cache_dir == "none":
         return None
     return os.path.abspath(config.compile_cache_dir or os.path.join(workdir, "jax_cache"))
+
+
+def configure_jax(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Global JAX settings the config needs; must run before any array is created."""
+    if config.model.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    cache_dir = None if workdir is None else cache_directory(config, workdir)
+    if cache_dir is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        # Cache only programs worth it (the train step and evaluation take seconds to compile).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def train_step_for_run(

@@ -40,7 +40,40 @@ import numpy as np
 from trainer import config as config_lib
 from trainer import model as model_lib
 from trainer import omniglot as omniglot_lib
-from trainer import tasks as tasks_lib
+from trainer import sinusoid as sinusoid_lib
+
+# A batch of tasks: support_x, support_y, query_x, query_y (and a family's extra arrays) with a leading task
+# axis. Task i of step s is drawn from fold_in(fold_in(train_key, s), i) (fold_in(train_key, i) for a fixed
+# pool), so which tasks a step sees does not depend on how the batch is split across devices or processes.
+TaskBatch = dict[str, jax.Array]
+
+
+def task_keys(
+    base_key: jax.Array, step: jax.Array | int, task_indices: jax.Array, num_fixed_tasks: int = 0
+) -> jax.Array:
+    """Keys of the given tasks of a step: fold_in(fold_in(key, step), i), or fold_in(key, i) for a fixed pool."""
+    if num_fixed_tasks:
+        step_key = base_key
+        task_indices = task_indices % num_fixed_tasks
+    else:
+        step_key = jax.random.fold_in(base_key, step)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, task_indices)
+
+
+def split_keys(seed: int) -> dict[str, jax.Array]:
+    """Disjoint keys for model init, training tasks and held-out tasks (raw uint32 key data)."""
+    base = jax.random.PRNGKey(seed)
+    return dict(
+        init=jax.random.fold_in(base, 0), train=jax.random.fold_in(base, 1), eval=jax.random.fold_in(base, 2)
+    )
+
+
+def support(batch: TaskBatch) -> tuple[jax.Array, jax.Array]:
+    return batch["support_x"], batch["support_y"]
+
+
+def query(batch: TaskBatch) -> tuple[jax.Array, jax.Array]:
+    return batch["query_x"], batch["query_y"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +92,7 @@ def _heldout_keys(eval_key: jax.Array, task_indices: jax.Array) -> jax.Array:
 class Regression:
     """Few-shot regression with the MLP, the query MSE and predicting 0 as the baseline; `sample_task` is the family.
 
-    Training task i of a step is sample_task(tasks.task_keys(train_key, step, i)), a fixed pool with
+    Training task i of a step is sample_task(task_keys(train_key, step, i)), a fixed pool with
     tasks.num_fixed_train_tasks; held-out task i is sample_task(fold_in(eval_key, i)).
     """
 
@@ -70,7 +103,7 @@ class Regression:
     loss_metric: ClassVar[str] = "mse"  # The held-out metric that is the loss.
     keeps_eval_outputs: ClassVar[bool] = True  # Evaluation keeps adapted params and tasks (figures).
 
-    def sample_task(self, key: jax.Array, dtype) -> tasks_lib.TaskBatch:
+    def sample_task(self, key: jax.Array, dtype) -> TaskBatch:
         """One task: support_x [K, D], support_y [K, 1], query_x [Q, D], query_y [Q, 1], and any per-task
         arrays (the curve's parameters, say), kept with the evaluation's outputs."""
         raise NotImplementedError(f"{type(self).__name__} must define sample_task(key, dtype)")
@@ -94,7 +127,7 @@ class Regression:
         return TaskData()
 
     def sample(self, data, key, step, task_indices, dtype):
-        keys = tasks_lib.task_keys(key, step, task_indices, self.config.tasks.num_fixed_train_tasks)
+        keys = task_keys(key, step, task_indices, self.config.tasks.num_fixed_train_tasks)
         return jax.vmap(lambda k: self.sample_task(k, dtype))(keys)
 
     def heldout(self, data, key, task_indices, dtype):
@@ -103,12 +136,12 @@ class Regression:
 
 @dataclasses.dataclass(frozen=True)
 class Sinusoid(Regression):
-    """Few-shot regression of y = amplitude * sin(frequency * x + phase) (trainer/tasks.py)."""
+    """Few-shot regression of y = amplitude * sin(frequency * x + phase) (trainer/sinusoid.py)."""
 
     name: ClassVar[str] = "sinusoid"
 
-    def sample_task(self, key: jax.Array, dtype) -> tasks_lib.TaskBatch:
-        return tasks_lib.sample_sinusoid_task(key, self.config.tasks, dtype)
+    def sample_task(self, key: jax.Array, dtype) -> TaskBatch:
+        return sinusoid_lib.sample_task(key, self.config.tasks, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +200,7 @@ class Omniglot:
         return jax.vmap(one)(keys)
 
     def sample(self, data, key, step, task_indices, dtype):
-        keys = tasks_lib.task_keys(key, step, task_indices, self.config.tasks.num_fixed_train_tasks)
+        keys = task_keys(key, step, task_indices, self.config.tasks.num_fixed_train_tasks)
         return self._sample(data, keys, dtype)
 
     def heldout(self, data, key, task_indices, dtype):

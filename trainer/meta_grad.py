@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from trainer import families
 from trainer import inner_solver as inner_lib
 from trainer import mapping as mapping_lib
-from trainer import tasks as tasks_lib
 
 Params = Any
-TaskMetaGrad = Callable[[Params, tasks_lib.TaskBatch], tuple[Params, dict[str, jax.Array]]]
+TaskMetaGrad = Callable[[Params, families.TaskBatch], tuple[Params, dict[str, jax.Array]]]
 
 
 def make_task_meta_grad(config: ml_collections.ConfigDict, model, family) -> TaskMetaGrad:
@@ -35,7 +35,7 @@ def make_task_meta_grad(config: ml_collections.ConfigDict, model, family) -> Tas
     first_order = config.meta_grad.estimator == "first_order"
 
     def meta_loss(meta_params, task):
-        support, query = tasks_lib.support(task), tasks_lib.query(task)
+        support, query = families.support(task), families.query(task)
         inner_params, stats = solver.solve(problem, meta_params, meta_params, support)
         query_loss = family.loss(model, inner_params, *query)
         return query_loss, (inner_params, stats)
@@ -43,21 +43,21 @@ def make_task_meta_grad(config: ml_collections.ConfigDict, model, family) -> Tas
     def task_meta_grad(meta_params, task):
         if first_order:
             query_loss, (inner_params, stats) = meta_loss(meta_params, task)
-            grad = jax.grad(lambda x: family.loss(model, x, *tasks_lib.query(task)))(inner_params)
+            grad = jax.grad(lambda x: family.loss(model, x, *families.query(task)))(inner_params)
         else:
             (query_loss, (inner_params, stats)), grad = jax.value_and_grad(meta_loss, has_aux=True)(
                 meta_params, task
             )
         metrics = dict(
             query_loss=query_loss,
-            support_loss=family.loss(model, inner_params, *tasks_lib.support(task)),
+            support_loss=family.loss(model, inner_params, *families.support(task)),
             inner_iterations=stats.iterations.astype(jnp.float32),
             inner_residual=stats.residual,
             inner_converged=stats.converged.astype(jnp.float32),
             inner_linesearch_failures=stats.linesearch_failures.astype(jnp.float32),
             inner_evaluations=stats.evaluations.astype(jnp.float32),
         )
-        for split, (x, y) in (("query", tasks_lib.query(task)), ("support", tasks_lib.support(task))):
+        for split, (x, y) in (("query", families.query(task)), ("support", families.support(task))):
             for name, value in family.task_metrics(model, inner_params, x, y).items():
                 metrics[f"{split}_{name}"] = value
         return grad, metrics

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from trainer import config as config_lib
 from trainer import workdir as workdir_lib
 
 NON_SCALAR = ("inner_iterations_max_per_device",)
@@ -157,27 +158,18 @@ HPARAM_SIZES = ("train.num_steps", "eval.num_tasks")
 def experiment_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
     """The fields that define the experiment (the maths fields and the main sizes), as TensorBoard hparams;
     where things are written, how often and on how many devices are left out."""
-    from trainer import config as config_lib
-
     names = set(config_lib.maths_fields(config)) | set(HPARAM_SIZES)
     return {name: value for name, value in flat_hparams(config).items() if name in names}
 
 
 def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
     """The config as TensorBoard hparams: dotted names, sequences as strings."""
-    out = {}
-
-    def visit(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, (ml_collections.ConfigDict, dict)):
-                visit(value, f"{prefix}{key}.")
-            elif isinstance(value, (bool, int, float, str)):
-                out[f"{prefix}{key}"] = value
-            else:
-                out[f"{prefix}{key}"] = str(list(value) if isinstance(value, tuple) else value)
-
-    visit(config, "")
-    return out
+    return {
+        name: value
+        if isinstance(value, (bool, int, float, str))
+        else str(list(value) if isinstance(value, tuple) else value)
+        for name, value in config_lib.flatten(config).items()
+    }
 
 
 class CompileTimer:
@@ -319,8 +311,6 @@ class MetricsWriter(workdir_lib.Closing):
         """The resolved config as a text panel (JSON indented so that TensorBoard's markdown keeps it)."""
         if self._tb is None:
             return
-        from trainer import config as config_lib
-
         text = json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True)
         self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), global_step=0)
         self._flush_tensorboard()

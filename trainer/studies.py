@@ -22,12 +22,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from trainer import config as config_lib
-from trainer import evaluation, monitoring
+from trainer import evaluation, monitoring, train
 from trainer import families as families_lib
 from trainer import figures as figures_lib
 from trainer import inner_solver as inner_lib
 from trainer import mapping as mapping_lib
-from trainer import tasks as tasks_lib
 
 
 def split_field(config: ml_collections.ConfigDict, field: str) -> tuple[str, str]:
@@ -50,8 +49,8 @@ def _adapted_metric_fn(config: ml_collections.ConfigDict, model, family, task_ma
     metric = family.metric_names[0]
 
     def one_task(meta_params, task):
-        adapted, _ = solver.solve(problem, meta_params, meta_params, tasks_lib.support(task))
-        return family.eval_metrics(model, adapted, *tasks_lib.query(task))[metric]
+        adapted, _ = solver.solve(problem, meta_params, meta_params, families_lib.support(task))
+        return family.eval_metrics(model, adapted, *families_lib.query(task))[metric]
 
     return jax.jit(
         lambda meta_params, tasks: mapping_lib.map_tasks(
@@ -220,10 +219,7 @@ def sweep(
     if not values:
         raise config_lib.ConfigError(f"sweep over {field}: no values given")
     configs = [config_lib.with_fields(config, {field: v}) for v in values]  # Fails before any training.
-    if train_fn is None:
-        from trainer import train
-
-        train_fn = train.train_and_evaluate
+    train_fn = train_fn or train.train_and_evaluate
     family = families_lib.get_family(config)
     metric, methods = family.metric_names[0], evaluation.methods(family)
     rows = []

@@ -17,11 +17,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from trainer import checkpointing, evaluation, executables, families, figures, monitoring, optim, parallel
+from trainer import (
+    checkpointing,
+    evaluation,
+    executables,
+    families,
+    figures,
+    monitoring,
+    optim,
+    parallel,
+    runs,
+)
 from trainer import config as config_lib
 from trainer import mapping as mapping_lib
 from trainer import model as model_lib
-from trainer import tasks as tasks_lib
 from trainer import train_step as train_step_lib
 from trainer import workdir as workdir_lib
 
@@ -36,17 +45,6 @@ class TrainResult:
     eval_summary: dict[str, float]  # Last held-out evaluation.
     history: list[dict[str, Any]]  # Host metrics of every step run in this call (not only logged ones).
     backend: Any
-
-
-def configure_jax(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
-    """Global JAX settings the config needs; must run before any array is created."""
-    if config.model.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    cache_dir = None if workdir is None else executables.cache_directory(config, workdir)
-    if cache_dir is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        # Cache only programs worth it (the train step and evaluation take seconds to compile).
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def check_finite(step: int, metrics: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> None:
@@ -196,12 +194,10 @@ def warm_start(config: ml_collections.ConfigDict, host_state: Any, log) -> tuple
     The source run's own saved config builds its parameter tree; every parameter must have the shape this
     run's model gives it (a ConfigError names the first that does not).
     """
-    from trainer import evaluate  # It imports this module.
-
     directory, step = parse_init_from(config.train.init_from)
     try:
-        _, _, params, step = evaluate.load_run(directory, step, None, warn=log)
-    except evaluate.EvaluationError as e:
+        _, _, _, params, step = runs.load_run(directory, step, None, warn=log)
+    except runs.RunError as e:
         raise config_lib.ConfigError(f"train.init_from={config.train.init_from!r}: {e}") from e
     ours, _ = jax.tree_util.tree_flatten_with_path(host_state.meta_params)
     theirs = dict(jax.tree_util.tree_flatten_with_path(params)[0])
@@ -261,25 +257,67 @@ class StepProfiler:
             )
 
 
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    cleanup: contextlib.ExitStack,
-    *,
-    allow_config_change: bool,
-    restore_step: int | None,
-    profile_steps: tuple[int, int] | None,
-) -> TrainResult:
+class Chrono:
+    """The run's clocks, in one place: its start, the compilation time (`monitoring.CompileTimer`, stopped
+    after the first dispatch) and each step's device time (`StepClock`)."""
+
+    def __init__(self, compile_timer: monitoring.CompileTimer):
+        self.started = time.perf_counter()
+        self.compile = compile_timer
+        self.steps = StepClock()
+
+    def step_times(self, dispatched: float, first: bool) -> dict[str, np.ndarray]:
+        """step_time_s of the step dispatched at `dispatched`, whose result is now on the host; for the run's
+        first step also what the user waited for it (first_step_time_s, compile included) and compile_time_s."""
+        times = {"step_time_s": np.asarray(self.steps.finished(dispatched))}
+        if first:
+            times["first_step_time_s"] = np.asarray(self.steps.last_ready - self.started)
+            times["compile_time_s"] = np.asarray(self.compile.seconds)
+        return times
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose metrics are still on the device."""
+
+    step: int  # The step number after its update.
+    metrics: dict[str, jax.Array]
+    dispatched: float  # perf_counter time of its dispatch.
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop works with, built once by `_set_up`; `history` and `eval_summary` grow as it runs."""
+
+    config: ml_collections.ConfigDict
+    model: Any
+    backend: Any
+    evaluator: evaluation.Evaluator
+    checkpointer: checkpointing.Checkpointer
+    writer: monitoring.MetricsWriter
+    preemption: checkpointing.PreemptionWatcher
+    schedule: Any
+    drops: DropGuard
+    start_step: int
+    host_state: Any
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval_summary: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _set_up(config, workdir, cleanup, *, allow_config_change, restore_step) -> _Run:
+    """Locks the workdir, builds the family, model, step, backend and evaluator, and restores or warm-starts
+    the state; every resource is closed by `cleanup`."""
     config_lib.validate(config)
-    configure_jax(config, workdir)
+    executables.configure_jax(config, workdir)
     is_main = jax.process_index() == 0
+    log = print if is_main else lambda message: None
     # Before anything is read or written there: one run per workdir.
-    cleanup.enter_context(workdir_lib.run_lock(workdir, log=print if is_main else lambda message: None))
+    cleanup.enter_context(workdir_lib.run_lock(workdir, log=log))
     # From here on SIGTERM/SIGINT stop the run at the next step boundary (start-up and compilation too).
     preemption = cleanup.enter_context(checkpointing.PreemptionWatcher())
     family = families.get_family(config)
     model = family.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     optimizer, schedule = optim.make_optimizer(config)
     best_metric = config.checkpoint.best_metric
     if best_metric:  # Checked before anything is compiled.
@@ -293,7 +331,6 @@ def _train_and_evaluate(
     task_mapping = mapping_lib.task_mapping(config)  # "vmap" or "map", for the step and the evaluations.
     local_step = train_step_lib.make_train_step(config, model, family, optimizer, task_mapping)
     backend = parallel.make_backend(config, local_step, family, task_data.train)
-
     host_state = jax.tree.map(
         np.asarray,
         train_step_lib.create_train_state(
@@ -301,7 +338,6 @@ def _train_and_evaluate(
         ),
     )
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(workdir, config))
-    log = print if is_main else lambda message: None
     if config.train.init_from and not checkpointer.all_steps() and restore_step is None:
         host_state, source = warm_start(config, host_state, log)
         config.train.init_from = source  # Recorded as resolved in config.json, checkpoints and TensorBoard.
@@ -311,15 +347,11 @@ def _train_and_evaluate(
             f"resuming this run's own checkpoint; train.init_from={config.train.init_from!r} only starts a fresh run"
         )
     host_state = checkpointer.restore_for_resume(
-        host_state,
-        restore_step=restore_step,
-        allow_config_change=allow_config_change,
-        log=print if is_main else lambda message: None,
+        host_state, restore_step=restore_step, allow_config_change=allow_config_change, log=log
     )
     start_step = int(host_state.step)
     if is_main:
         checkpointing.write_config(workdir, config)
-
     # Closed on every exit (a NaN error too): the progress bar and the event files are finished cleanly.
     writer = cleanup.enter_context(
         monitoring.MetricsWriter(
@@ -332,105 +364,138 @@ def _train_and_evaluate(
     )
     writer.write_config(config)
     evaluator = evaluation.Evaluator(config, model, keys["eval"], family, task_mapping, data=task_data.test)
-    state = backend.put_state(host_state)
-    task_key = jax.numpy.asarray(host_state.task_key)
-    last = config.train.num_steps
-    history: list[dict[str, Any]] = []
-    eval_summary: dict[str, float] = {}
-    clock = StepClock()
-    drops = DropGuard(config)
+    return _Run(
+        config=config,
+        model=model,
+        backend=backend,
+        evaluator=evaluator,
+        checkpointer=checkpointer,
+        writer=writer,
+        preemption=preemption,
+        schedule=schedule,
+        drops=DropGuard(config),
+        start_step=start_step,
+        host_state=host_state,
+    )
 
-    def pull(done_step: int, device_metrics, dispatched: float) -> dict[str, np.ndarray]:
-        """Waits for a dispatched step, times it, and checks its metrics (NaN/inf, dropped tasks)."""
-        metrics = backend.metrics_to_host(device_metrics)
-        elapsed = clock.finished(dispatched)
-        check_finite(done_step, metrics, config)
-        dropped_message = drops.check(done_step, metrics)
-        if dropped_message:
-            writer.log(dropped_message)
-        metrics["learning_rate"] = np.asarray(schedule(done_step - 1))
-        metrics["step_time_s"] = np.asarray(elapsed)
-        metrics["tasks_per_s"] = np.asarray(config.train.meta_batch_size / max(elapsed, 1e-9))
-        if done_step == start_step + 1:  # What the user waited for the first step: compile included.
-            metrics["first_step_time_s"] = np.asarray(clock.last_ready - started)
-            metrics["compile_time_s"] = np.asarray(compile_timer.seconds)
-        return metrics
 
-    def record(done_step: int, metrics: dict[str, np.ndarray], extra: dict | None = None) -> None:
-        """Adds a pulled step to the history and writes it when due (always with evaluation results)."""
-        history.append({"step": done_step, **metrics})
-        writer.progress(done_step, float(metrics["query_loss"]))
-        if extra or _due(done_step, config.logging.every_steps, last) or done_step == start_step + 1:
-            writer.write(done_step, {**metrics, **(extra or {})})
-            writer.log(format_step(done_step, metrics))
+def _pull(run: _Run, pending: _Pending, chrono: Chrono) -> dict[str, np.ndarray]:
+    """Waits for a dispatched step, times it, and checks its metrics (NaN/inf, dropped tasks): once per step."""
+    config, step = run.config, pending.step
+    metrics = run.backend.metrics_to_host(pending.metrics)
+    times = chrono.step_times(pending.dispatched, first=step == run.start_step + 1)
+    check_finite(step, metrics, config)
+    dropped_message = run.drops.check(step, metrics)
+    if dropped_message:
+        run.writer.log(dropped_message)
+    metrics["learning_rate"] = np.asarray(run.schedule(step - 1))
+    metrics.update(times)
+    metrics["tasks_per_s"] = np.asarray(config.train.meta_batch_size / max(float(times["step_time_s"]), 1e-9))
+    return metrics
 
+
+def _record(run: _Run, step: int, metrics: dict[str, np.ndarray], extra: dict | None = None) -> None:
+    """Adds a pulled step to the history and writes it when due (always with evaluation results `extra`)."""
+    run.history.append({"step": step, **metrics})
+    run.writer.progress(step, float(metrics["query_loss"]))
+    if (
+        extra
+        or _due(step, run.config.logging.every_steps, run.config.train.num_steps)
+        or step == run.start_step + 1
+    ):
+        run.writer.write(step, {**metrics, **(extra or {})})
+        run.writer.log(format_step(step, metrics))
+
+
+def _finish(run: _Run, pending: _Pending | None, chrono: Chrono) -> None:
+    """Pulls and records the step in flight, if any."""
+    if pending is not None:
+        _record(run, pending.step, _pull(run, pending, chrono))
+
+
+def _evaluate(run: _Run, host_state) -> tuple[dict[str, float], dict[str, Any]]:
+    """The held-out evaluation of `host_state`: its metrics with eval_time_s, and its raw outputs."""
     started = time.perf_counter()
-    compile_timer = cleanup.enter_context(monitoring.CompileTimer())  # Stopped after the first dispatch.
-    train_step = backend.step
-    if start_step < last:  # The step's executable saved by an earlier run, or compiled now and saved.
-        train_step, source, seconds = executables.train_step_for_run(
-            backend, config, workdir, state, backend.sample_tasks(task_key, start_step), log=writer.log
+    summary, outputs = run.evaluator(host_state.meta_params)
+    run.eval_summary = summary
+    return {**summary, "eval_time_s": time.perf_counter() - started}, outputs
+
+
+def _report_evaluation(run: _Run, step: int, host_state, outputs: dict[str, Any]) -> None:
+    """The evaluation's line and its figures (training curves; predictions when the family kept outputs)."""
+    run.writer.log(evaluation.format_summary(step, run.eval_summary))
+    if run.writer.enabled:
+        series = {name: run.writer.series(run.history, name) for name in ("grad_norm", "query_loss")}
+        run.writer.write_figures(
+            step, figures.evaluation_figures(run.model, run.config, host_state.meta_params, outputs, series)
+        )
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    cleanup: contextlib.ExitStack,
+    *,
+    allow_config_change: bool,
+    restore_step: int | None,
+    profile_steps: tuple[int, int] | None,
+) -> TrainResult:
+    run = _set_up(
+        config, workdir, cleanup, allow_config_change=allow_config_change, restore_step=restore_step
+    )
+    backend, checkpointer, writer, last = run.backend, run.checkpointer, run.writer, config.train.num_steps
+    state = backend.put_state(run.host_state)
+    task_key = jax.numpy.asarray(run.host_state.task_key)
+    chrono = Chrono(cleanup.enter_context(monitoring.CompileTimer()))
+    step_fn = backend.step
+    if run.start_step < last:  # The step's executable saved by an earlier run, or compiled now and saved.
+        step_fn, source, seconds = executables.train_step_for_run(
+            backend, config, workdir, state, backend.sample_tasks(task_key, run.start_step), log=writer.log
         )
         if source == "loaded":  # No JAX compile event reports a loaded executable.
-            compile_timer.record(seconds)
+            chrono.compile.record(seconds)
     profiler = StepProfiler(monitoring.tensorboard_dir(workdir), profile_steps, writer.log)
     cleanup.callback(profiler.stop)
-    pending = None  # (step number after the update, device metrics, dispatch time) of the step in flight.
-    for step in range(start_step, last):
+    pending = None
+    for step in range(run.start_step, last):
         if profiler.due_to_stop(step):  # The traced steps' results first, so that the trace holds them whole.
-            if pending is not None:
-                record(pending[0], pull(*pending))
-                pending = None
+            _finish(run, pending, chrono)
+            pending = None
             profiler.stop()
-        if preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
-            if pending is not None:
-                record(pending[0], pull(*pending))
-            saved = step > start_step  # Nothing to save before the first step of this run.
+        if run.preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
+            _finish(run, pending, chrono)
+            saved = step > run.start_step  # Nothing to save before the first step of this run.
             if saved:
                 checkpointer.save(step, backend.host_state(state))
                 checkpointer.wait()
-            writer.close()
-            raise checkpointing.Preempted(step, preemption.reason, checkpointer.directory, saved=saved)
-        done_step = step + 1
+            raise checkpointing.Preempted(step, run.preemption.reason, checkpointer.directory, saved=saved)
         task_batch = backend.sample_tasks(task_key, step)
         profiler.before_dispatch(step)
         dispatched = time.perf_counter()
-        with profiler.annotate(done_step):
-            state, device_metrics = train_step(state, task_batch)  # Runs while we process step N-1.
-        compile_timer.stop()
-        if pending is not None:
-            record(pending[0], pull(*pending))
-        pending = (done_step, device_metrics, dispatched)
-        eval_due = _due(done_step, config.eval.every_steps, last)
+        with profiler.annotate(step + 1):
+            state, device_metrics = step_fn(state, task_batch)  # Runs while step N-1 is finished below.
+        chrono.compile.stop()
+        _finish(run, pending, chrono)
+        pending = _Pending(step + 1, device_metrics, dispatched)
+        eval_due = _due(pending.step, config.eval.every_steps, last)
         # With checkpoint.best_metric every evaluated step is a candidate for the best checkpoint.
-        ckpt_due = _due(done_step, config.checkpoint.every_steps, last) or (eval_due and bool(best_metric))
-        if not (eval_due or ckpt_due):
-            continue
-        metrics = pull(*pending)  # Finish this step before evaluating or saving it.
-        pending = None
-        host_state = backend.host_state(state)
-        extra = None
-        if eval_due:
-            eval_started = time.perf_counter()
-            eval_summary, eval_outputs = evaluator(host_state.meta_params)
-            extra = {**eval_summary, "eval_time_s": time.perf_counter() - eval_started}
-        record(done_step, metrics, extra)
-        if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
-            checkpointer.save(done_step, host_state, metrics=extra)
-        if eval_due:
-            writer.log(evaluation.format_summary(done_step, eval_summary))
-            if writer.enabled:  # Training curves; predictions too when the family kept its outputs.
-                series = {name: writer.series(history, name) for name in ("grad_norm", "query_loss")}
-                writer.write_figures(
-                    done_step,
-                    figures.evaluation_figures(model, config, host_state.meta_params, eval_outputs, series),
-                )
-    if pending is not None:
-        record(pending[0], pull(*pending))
+        best = bool(config.checkpoint.best_metric)
+        ckpt_due = _due(pending.step, config.checkpoint.every_steps, last) or (eval_due and best)
+        if eval_due or ckpt_due:
+            metrics = _pull(run, pending, chrono)  # Finish this step before evaluating or saving it.
+            host_state = backend.host_state(state)
+            extra, outputs = _evaluate(run, host_state) if eval_due else (None, None)
+            _record(run, pending.step, metrics, extra)
+            if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
+                checkpointer.save(pending.step, host_state, metrics=extra)
+            if eval_due:
+                _report_evaluation(run, pending.step, host_state, outputs)
+            pending = None
+    _finish(run, pending, chrono)
     profiler.stop()
-    host_state = backend.host_state(state)
     checkpointer.close()
-    if eval_summary:
-        writer.write_hparams(config, eval_summary)
-    writer.close()
-    return TrainResult(state=host_state, eval_summary=eval_summary, history=history, backend=backend)
+    if run.eval_summary:
+        writer.write_hparams(config, run.eval_summary)
+    return TrainResult(
+        state=backend.host_state(state), eval_summary=run.eval_summary, history=run.history, backend=backend
+    )
