@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -589,7 +588,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def measure_all(args: argparse.Namespace, log) -> dict[str, Any]:
     select_platform(args.platform, args.quick)
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
     check_devices(args.platform, log)
     plan = Plan.make(args.quick)
     now = datetime.datetime.now()

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
+import jaxopt
 import numpy as np
 
 from trainer import families, runs
 from trainer import inner_solver as inner_lib
 from trainer import model as model_lib
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
-    import jaxopt
 
 
 def replay(workdir: str, step: int) -> list[dict[str, float]]:

@@ -16,15 +16,12 @@ every task on the last task's test set).
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import optax
+from jaxopt import LBFGS, tree_util
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
-    from jaxopt import LBFGS, tree_util
+import trainer  # noqa: F401  (before jaxopt: trainer/__init__.py filters its import warning)
 
 
 def make_outer_loss(model, l2reg: float, maxiter: int, tol: float, linesearch: str = "zoom"):

@@ -34,10 +34,6 @@ if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.e
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_devices}"
     ).strip()
 
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

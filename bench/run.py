@@ -17,9 +17,6 @@ import json
 import os
 import sys
 import time
-import warnings
-
-warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
 
 import jax  # noqa: E402
 

@@ -148,9 +148,6 @@ def _worker_main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    import warnings
-
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
     import jax
 
     from bench.settings import Problem, Settings, make_backend, make_config

@@ -14,10 +14,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="imaml-test-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import warnings  # noqa: E402
-
-warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import jaxopt
 import ml_collections
 from jax.flatten_util import ravel_pytree
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
-    import jaxopt
 
 Params = Any
 Data = Any

@@ -12,14 +12,11 @@ from __future__ import annotations
 import re
 import sys
 import time
-import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from trainer import workdir  # No JAX import: its signal handlers come first (run()).
-
-warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/.", lock_config=True

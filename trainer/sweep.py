@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding one workdir per value.")
