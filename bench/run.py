@@ -32,7 +32,7 @@ from bench import (  # noqa: E402
 from bench import settings as settings_lib  # noqa: E402
 
 SECTIONS = ("throughput", "scaling", "memory", "accuracy", "cache", "omniglot")
-# --quick only: cheaper XLA CPU compilation (~1.7x faster, measured); a smoke check's numbers do not matter.
+# --quick only: cheaper XLA CPU compilation; a smoke check's numbers do not matter.
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,24 @@ def test_kshot_curves_cli_on_a_saved_run(saved_run):  # noqa: F811
     np.testing.assert_allclose(zero[0], zero[1], rtol=1e-12)
 
 
+def test_kshot_curves_of_an_imported_regression_family():
+    """An imported family (examples/polynomial.py) gets K-shot curves like sinusoid: its tasks take their
+    support size from tasks.num_support, and the query sets (so the zero baseline) do not change with K."""
+    config = config_lib.with_fields(
+        config_lib.family_config("examples.polynomial:Polynomial"),
+        {"model.hidden_sizes": (8,), "inner.maxiter": 20, "inner.tol": 1e-6, "model.dtype": "float64"},
+    )
+    family = families_lib.get_family(config)
+    meta_params = model_lib.init_params(family.make_model(config), jax.random.key(0))
+    record = studies.kshot_curves(
+        config, meta_params, jax.random.key(1), family, "map", shots=(2, 4), budgets=(0, 3), num_tasks=3
+    )
+    assert [row["shots"] for row in record["rows"]] == [2, 4] and record["metric"] == "mse"
+    zero = [row["methods"]["zero"]["mean"] for row in record["rows"]]
+    np.testing.assert_allclose(zero[0], zero[1], rtol=1e-12)
+    assert all(row["budgets"]["0"] == row["methods"]["prior"] for row in record["rows"])
+
+
 def test_kshot_curves_refuse_classification():
     config = config_lib.omniglot_config(5, 1)
     with pytest.raises(config_lib.ConfigError, match="tasks.family"):
@@ -108,4 +127,26 @@ def test_sweep_rejects_bad_fields_and_values_before_training(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="'abc' is not a valid float"):
         sweep.parse_values(config, "inner.l2reg", ["0.1", "abc"])
     assert sweep.parse_values(config, "inner.maxiter", ["5", "10"]) == [5, 10]
+    with pytest.raises(config_lib.ConfigError, match="'inner' is not a config field"):
+        studies.sweep(config, str(tmp_path), "inner", [1.0], train_fn=never)
     assert os.listdir(tmp_path) == []
+
+
+def test_sweep_over_an_imported_familys_field(tmp_path):
+    """tasks.options.<name> of an imported family (examples/polynomial.py) is a sweepable field."""
+    config = config_lib.family_config("examples.polynomial:Polynomial")
+    assert sweep.parse_values(config, "tasks.options.degree", ["1", "2"]) == [1, 2]
+    seen = []
+    metrics = {
+        f"eval/{m}_mse{s}": 1.0
+        for m in evaluation.methods(families_lib.get_family(config))
+        for s in ("", "_ci95")
+    }
+
+    def fake_train(run_config, workdir):
+        seen.append((run_config.tasks.options.degree, os.path.basename(workdir)))
+        return types.SimpleNamespace(eval_summary=metrics)
+
+    record = studies.sweep(config, str(tmp_path), "tasks.options.degree", [1, 2], train_fn=fake_train)
+    assert seen == [(1, "degree_1"), (2, "degree_2")]
+    assert [row["value"] for row in record["rows"]] == [1, 2]

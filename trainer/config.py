@@ -151,12 +151,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.backend = "shard_map"  # One of BACKENDS; "none" runs on one device with vmap only.
+    c.parallel.backend = "shard_map"  # One of BACKENDS; "none" runs on one device.
     c.parallel.num_devices = 0  # Devices on the task axis; 0 means all devices.
     # How a device runs its tasks, one of TASK_MAPPINGS. "vmap": one vectorised program (for accelerators: every
     # task's L-BFGS iterates until the device's slowest task converges); "map": one task after another with
     # lax.map (each inner solve stops at its own convergence; the faster one on CPU, README "Benchmarks");
-    # "auto": "map" on CPU, "vmap" on GPU/TPU.
+    # "auto": "map" on CPU, "vmap" on GPU/TPU (decided once, by trainer/mapping.py).
     c.parallel.task_mapping = "auto"
 
     c.eval = ml_collections.ConfigDict()

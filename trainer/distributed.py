@@ -5,7 +5,7 @@ recognises (SLURM, Cloud TPU pod, Open MPI, Kubernetes) or when the coordinator 
 processes and this process's id are given (flags or the environment variables below). A single-process run
 skips it. It must run before anything touches JAX devices.
 
-Failure behaviour (measured with jax 0.10.2 on CPU): when a process dies, the coordination service notices
+Failure behaviour of jax 0.10.2 (tests/test_multiprocess.py): when a process dies, the coordination service notices
 the missing heartbeats and terminates every other process with "Terminating process because the JAX
 distributed service detected fatal errors ... another task died" within `heartbeat_timeout_s`; when process 0
 (the coordinator) dies, the others terminate at once. A coordinator that never comes up ends the other
@@ -252,7 +252,7 @@ def _bind_in_use(family: int, sockaddr: tuple) -> bool | None:
 def port_in_use(port: int, host: str = "::") -> bool:
     """Whether the coordination service would find `port` taken when it listens on `host` (all interfaces).
 
-    Binds like gRPC (measured with jaxlib 0.10.2 on Linux): "[::]:PORT" dual-stack, so a socket bound to the
+    Binds like gRPC (jaxlib 0.10.2 on Linux): "[::]:PORT" dual-stack, so a socket bound to the
     port on any local address (127.0.0.1, 0.0.0.0, ...) blocks it, listening or not; with SO_REUSEADDR, so
     a port left in TIME_WAIT by a finished run counts as free. Unlike gRPC, without SO_REUSEPORT: gRPC sets
     it and would share the port with another run's coordinator, which is exactly the clash to catch.

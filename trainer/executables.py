@@ -143,7 +143,7 @@ def _compile(jitted, args: tuple) -> tuple[jax.stages.Compiled, bool]:
 
     A second compile of the same jitted object in one process returns JAX's in-memory executable without any
     event, whatever its origin: callers pass a step built for this run (train.py builds a backend per run; a
-    new backend's step misses the in-memory cache, measured).
+    new backend's step misses the in-memory cache).
     """
     hits = []
 

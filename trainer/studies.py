@@ -30,13 +30,10 @@ from trainer import mapping as mapping_lib
 
 
 def split_field(config: ml_collections.ConfigDict, field: str) -> tuple[str, str]:
-    """("group", "name") of a config field "group.name"; a ConfigError when there is no such field."""
-    group, _, name = field.partition(".")
-    if (
-        group not in config
-        or not isinstance(config[group], ml_collections.ConfigDict)
-        or name not in config[group]
-    ):
+    """("group", "name") of a config field "group.name" ("tasks.options", "degree" for an imported family's
+    field); a ConfigError when there is no such field."""
+    group, _, name = field.rpartition(".")
+    if not group or field not in config_lib.flatten(config):
         raise config_lib.ConfigError(f"{field!r} is not a config field (expected GROUP.FIELD)")
     return group, name
 
@@ -76,10 +73,10 @@ def kshot_curves(
     of the adapted solve (0: the prior, not adapted); the full evaluation at config.inner.maxiter gives every
     baseline of `evaluation.methods` on the same tasks. Tasks and solves are mapped with `task_mapping`.
     """
-    if config.tasks.family != "sinusoid":
+    if not isinstance(family, families_lib.Regression):
         raise config_lib.ConfigError(
-            f"K-shot curves vary 'tasks.num_support' of regression tasks; got tasks.family = "
-            f"{config.tasks.family!r} (use the evaluation's N-way K-shot configs instead)"
+            f"K-shot curves vary 'tasks.num_support' of regression tasks (families.Regression); got "
+            f"tasks.family = {config.tasks.family!r} (use the evaluation's N-way K-shot configs instead)"
         )
     if not shots or min(shots) < 1 or (budgets and min(budgets) < 0):
         raise config_lib.ConfigError(f"shots must be >= 1 and budgets >= 0; got {shots} and {budgets}")
