@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import omniglot as omniglot_configs  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import meta_grad as meta_grad_lib  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
@@ -74,7 +75,7 @@ QUICK_VARIANTS = ("lbfgs/xla/map", "gd/patches/vmap")  # Each solver, convolutio
 def make_config(
     width: int, meta_batch: int, solver: str, conv: str, mapping: str, devices: int, overrides=None
 ):
-    c = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    c = omniglot_configs.get_config("ways=5,shots=1")
     return config_lib.with_fields(
         c,
         {

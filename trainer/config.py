@@ -178,57 +178,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def omniglot_config(num_ways: int, num_shots: int) -> ml_collections.ConfigDict:
-    """The iMAML paper's Omniglot N-way K-shot experiment (Rajeswaran et al. 2019, section 5 and appendix).
-
-    The paper's settings: iMAML-GD, 16 inner gradient steps (25 for 20-way), 5 CG steps for the
-    meta-gradient, meta-batch 32, Adam 1e-3, K support and K query images per class, 1200 meta-training
-    characters, MAML's conv net (4 x 64 filters) with batch statistics of the current batch.
-    Two choices differ from the paper's lambda = 2 and undamped solve, as measured in RESULTS.md ("Learning
-    per meta-step"): lambda = 0.5, and the implicit solve damped by 5 (16 fixed steps on a ReLU conv net need
-    not reach a minimum, H + lambda I can then be indefinite, and 5 undamped CG steps returned meta-gradients
-    orders of magnitude too large).
-    """
-    c = default_config()
-    c.model.dtype = "float32"
-    c.model.activation = "relu"
-    c.model.conv_width = 64
-    c.model.conv_blocks = 4
-    c.model.conv_impl = "patches"  # The same maths as "xla"; faster on XLA:CPU (bench.omniglot).
-    c.model.normalization = "batch"  # Statistics of the batch at hand (support or query set), as MAML's.
-    c.tasks.family = "omniglot"
-    c.tasks.num_ways = num_ways
-    c.tasks.num_support = num_shots
-    c.tasks.num_query = num_shots
-    c.tasks.split = "random"
-    c.tasks.num_train_classes = 1200
-    c.tasks.num_test_classes = 0  # The other 423.
-    c.tasks.image_size = 28
-    c.tasks.rotate = True
-    c.inner.solver = "gd"
-    c.inner.gd_stepsize = 0.1
-    c.inner.l2reg = 0.5
-    c.inner.maxiter = 16 if num_ways <= 5 else 25
-    c.inner.tol = 1e-4  # Reachable in float32; solves stop at maxiter, as the paper's fixed steps do.
-    c.meta_grad.estimator = "implicit"
-    c.meta_grad.linear_solver = "cg"
-    c.meta_grad.solver_maxiter = 5  # The paper's 5 CG steps (tol below float32 roundoff: always 5 steps).
-    c.meta_grad.solver_tol = 1e-10
-    c.meta_grad.damping = 5.0
-    # A fixed budget of 16 steps does not reach tol: only non-finite tasks are dropped.
-    c.meta_grad.drop_tasks = "nonfinite"
-    c.outer.optimizer = "adam"
-    c.outer.learning_rate = 1e-3
-    c.train.num_steps = 20000  # The paper's code asks for at least 20,000 meta-steps.
-    c.train.meta_batch_size = 32
-    c.eval.every_steps = 1000
-    c.eval.num_tasks = 600  # Mean accuracy over 600 held-out tasks with a 95% CI, as reported in the paper.
-    c.eval.batch_size = 100
-    c.logging.every_steps = 50
-    c.checkpoint.every_steps = 1000
-    return c
-
-
 def family_config(family: str) -> ml_collections.ConfigDict:
     """The default config with an imported task family ("module.path:ClassName") and its default options in
     tasks.options (so that `--config.tasks.options.<name>=...` can override them)."""
