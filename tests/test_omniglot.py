@@ -13,6 +13,8 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import zipfile
 
@@ -639,6 +641,39 @@ def test_omniglot_config_argument_errors_name_the_key(arg, expected):
     with pytest.raises(config_lib.ConfigError) as error:
         omniglot_configs.get_config(arg)
     assert str(error.value).startswith(expected) and "configs/omniglot.py:ways=N,shots=K" in str(error.value)
+
+
+def _run(module, args):
+    env = {**os.environ, "PYTHONPATH": helpers.REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=helpers.REPO, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("module", ["trainer.main", "trainer.sweep"])
+def test_cli_passes_the_argument_and_reports_a_bad_one_in_one_line(tmp_path, module):
+    """The argument reaches get_config: 20 ways need more than 10 characters, 5 + 16 images more than 20 (each a
+    validation error before any work); a bad argument is one line and exit status 2."""
+    args = [f"--workdir={tmp_path}/w"] + (["--values=0.5,1"] if module == "trainer.sweep" else [])
+    for overrides, expected in (
+        (
+            ["--config=configs/omniglot.py:ways=20,shots=5", "--config.tasks.num_train_classes=10"],
+            "config field 'tasks.num_ways' = 20 exceeds 'tasks.num_train_classes' = 10",
+        ),
+        (
+            ["--config=configs/omniglot.py:ways=20,shots=5", "--config.tasks.num_query=16"],
+            "config fields 'tasks.num_support' + 'tasks.num_query' = 21",
+        ),
+        (
+            ["--config=configs/omniglot.py:ways=x"],
+            "error: invalid config configs/omniglot.py:ways=x: config argument 'ways' = 'x' is invalid: "
+            "expected an integer >= 2",
+        ),
+    ):
+        proc = _run(module, [*overrides, *args])
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "w").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

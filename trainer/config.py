@@ -186,6 +186,19 @@ def family_config(family: str) -> ml_collections.ConfigDict:
     return validate(c)
 
 
+def config_file_error(error: BaseException) -> ConfigError | None:
+    """The ConfigError a config file's get_config raised (e.g. `configs/omniglot.py:ways=x`), found in the
+    error absl's flag parsing reports (ml_collections re-raises it with its traceback as the message, absl
+    wraps that again); None when the error did not come from one."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:  # The innermost one is get_config's own.
+        seen.add(id(error))
+        if isinstance(error, ConfigError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
 def _choice(allowed: Sequence[str]) -> Callable[[Any], str | None]:
     def check(value):
         return None if value in allowed else f"one of {list(allowed)}"
