@@ -46,6 +46,7 @@ from configs import omniglot as omniglot_configs  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import meta_grad as meta_grad_lib  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
+from trainer import omniglot as omniglot_lib  # noqa: E402
 from trainer import optim, parallel  # noqa: E402
 from trainer import tasks as tasks_lib  # noqa: E402
 from trainer import train_step as train_step_lib  # noqa: E402
@@ -106,7 +107,7 @@ def peak_gflops(size: int = 1536, reps: int = 5) -> float:
 
 def _synthetic_data(config, rng):
     t = config.tasks
-    shape = (t.num_train_classes, config_lib.OMNIGLOT_DRAWERS, t.image_size, t.image_size)
+    shape = (t.num_train_classes, omniglot_lib.OMNIGLOT_DRAWERS, t.image_size, t.image_size)
     return {
         "images": rng.integers(0, 256, shape, dtype=np.uint8),
         "ids": np.arange(1, shape[0] + 1, dtype=np.int32),

@@ -555,6 +555,51 @@ def test_config_refuses_impossible_omniglot_tasks():
             _omniglot_config(**overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            {"tasks.num_support": 12, "tasks.num_query": 9},
+            "config fields 'tasks.num_support' + 'tasks.num_query' = 21: omniglot has 20 images per character, "
+            "expected <= 20",
+        ),
+        (
+            {"tasks.num_ways": 50, "tasks.num_train_classes": 40},
+            "config field 'tasks.num_ways' = 50 exceeds 'tasks.num_train_classes' = 40: a task needs num_ways "
+            "distinct characters",
+        ),
+        (
+            {"tasks.num_train_classes": 1623},
+            "config field 'tasks.num_train_classes' = 1623 exceeds the 1622 characters available with "
+            "tasks.split = 'random'",
+        ),
+        (
+            {"tasks.split": "background"},
+            "config field 'tasks.num_train_classes' = 1200 exceeds the 964 characters available with "
+            "tasks.split = 'background'",
+        ),
+        (
+            {"tasks.num_ways": 30, "tasks.num_train_classes": 1600},
+            "config field 'tasks.num_ways' = 30 exceeds 'tasks.num_test_classes' = 23: a task needs num_ways "
+            "distinct characters",
+        ),
+    ],
+)
+def test_omniglot_limits_are_the_familys_check_config_with_its_own_message(overrides, message):
+    """validate runs the omniglot family's check_config as it runs an imported family's, without the
+    imported family's "tasks.family = ..." prefix: the message is the whole error."""
+    config = omniglot_configs.get_config("ways=5,shots=1")
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.with_fields(config, overrides)
+    assert str(error.value) == message
+    with config.unlocked():
+        for name, value in overrides.items():
+            config.tasks[name.split(".")[1]] = value
+    with pytest.raises(config_lib.ConfigError) as direct:
+        families.Omniglot.check_config(config)
+    assert str(direct.value) == message
+
+
 # The paper configs' fields that differ from default_config(), as trainer/config.py:omniglot_config(ways,
 # shots) gave them before configs/omniglot.py replaced it and the four files configs/omniglot_<N>way<K>shot.py
 # (RESULTS.md's commands used those files, and must still run the same experiments).
