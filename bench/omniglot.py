@@ -38,9 +38,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from configs import omniglot as omniglot_configs  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
-from trainer import families, mapping, optim, parallel  # noqa: E402  # noqa: E402
+from trainer import families, mapping, optim, parallel  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
+from trainer import omniglot as omniglot_lib  # noqa: E402
 from trainer import train_step as train_step_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +70,7 @@ QUICK_VARIANTS = ("lbfgs/xla/map", "gd/patches/vmap")  # Each solver, convolutio
 def make_config(
     width: int, meta_batch: int, solver: str, conv: str, mapping: str, devices: int, overrides=None
 ):
-    c = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    c = omniglot_configs.get_config("ways=5,shots=1")
     return config_lib.with_fields(
         c,
         {
@@ -99,7 +101,7 @@ def peak_gflops(size: int = 1536, reps: int = 5) -> float:
 
 def _synthetic_data(config, rng):
     t = config.tasks
-    shape = (t.num_train_classes, config_lib.OMNIGLOT_DRAWERS, t.image_size, t.image_size)
+    shape = (t.num_train_classes, omniglot_lib.OMNIGLOT_DRAWERS, t.image_size, t.image_size)
     return {
         "images": rng.integers(0, 256, shape, dtype=np.uint8),
         "ids": np.arange(1, shape[0] + 1, dtype=np.int32),

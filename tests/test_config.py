@@ -55,6 +55,7 @@ def test_batch_not_divisible_by_devices_names_both_numbers_and_valid_sizes():
         "configs/notebook.py",
         "configs/smoke.py",
         "configs/sinusoid_finn.py",
+        "configs/omniglot.py",
     ],
 )
 def test_shipped_configs_are_valid(path):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from configs import omniglot as omniglot_configs
 from examples.polynomial import Polynomial
 from tests import helpers
 from trainer import checkpointing, evaluate, evaluation, executables, families, train
@@ -32,7 +33,7 @@ REAL_CACHE = os.environ.get(
 
 def _omniglot_config(**overrides):
     """A tiny omniglot config: 3-way 2-shot, 8x8 images, a 2-block conv net of 4 filters, float64."""
-    c = config_lib.omniglot_config(num_ways=3, num_shots=2)
+    c = omniglot_configs.get_config("ways=3,shots=2")
     c.model.dtype = "float64"
     c.model.conv_width = 4
     c.model.conv_blocks = 2
@@ -101,7 +102,7 @@ def test_classification_losses_match_numpy():
 
 
 def test_conv_net_is_mamls_and_layer_norm_is_per_image():
-    config = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    config = omniglot_configs.get_config("ways=5,shots=1")
     model = model_lib.make_model(config)
     shapes = jax.eval_shape(lambda k: model_lib.init_params(model, k), jax.random.PRNGKey(0))
     # 3x3 convs 1->64, 3 x 64->64 (kernels and biases), 4 norms (scale, bias), head 64->5.
@@ -207,7 +208,7 @@ def test_classification_evaluation_reports_accuracy_with_ci_and_chunks_exactly()
 def test_short_training_run_on_real_characters_beats_chance(tmp_path):
     """5-way 1-shot on 300 meta-training characters, 14x14 images, a small conv net: held-out accuracy rises
     clearly above chance (20%) and above the un-meta-trained initialisation."""
-    config = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    config = omniglot_configs.get_config("ways=5,shots=1")
     config.tasks.data_dir, config.tasks.cache_dir = SHARED, REAL_CACHE
     config.tasks.num_train_classes, config.tasks.num_test_classes = 300, 100
     config.tasks.image_size = 14

@@ -13,6 +13,8 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import zipfile
 
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import omniglot as omniglot_configs
 from tests import helpers
 from trainer import config as config_lib
 from trainer import evaluation, families, parallel
@@ -455,7 +458,7 @@ def _coded_images(num_classes: int, size: int = 6) -> np.ndarray:
 
 
 def _omniglot_config(**overrides):
-    c = config_lib.omniglot_config(num_ways=4, num_shots=2)
+    c = omniglot_configs.get_config("ways=4,shots=2")
     c.tasks.num_query = 3
     c.model.conv_width = 4
     c.model.conv_blocks = 2
@@ -522,7 +525,7 @@ def test_backends_sample_from_device_data_like_the_family():
 
 @needs_shared
 def test_real_split_and_tasks_use_only_their_characters():
-    config = config_lib.omniglot_config(num_ways=5, num_shots=1)
+    config = omniglot_configs.get_config("ways=5,shots=1")
     config.tasks.data_dir, config.tasks.cache_dir = SHARED, REAL_CACHE
     family = families.get_family(config)
     data = family.load_data(config)
@@ -553,47 +556,169 @@ def test_config_refuses_impossible_omniglot_tasks():
 
 
 @pytest.mark.parametrize(
-    "name,ways,shots",
+    "overrides,message",
     [
-        ("omniglot_5way1shot", 5, 1),
-        ("omniglot_5way5shot", 5, 5),
-        ("omniglot_20way1shot", 20, 1),
-        ("omniglot_20way5shot", 20, 5),
+        (
+            {"tasks.num_support": 12, "tasks.num_query": 9},
+            "config fields 'tasks.num_support' + 'tasks.num_query' = 21: omniglot has 20 images per character, "
+            "expected <= 20",
+        ),
+        (
+            {"tasks.num_ways": 50, "tasks.num_train_classes": 40},
+            "config field 'tasks.num_ways' = 50 exceeds 'tasks.num_train_classes' = 40: a task needs num_ways "
+            "distinct characters",
+        ),
+        (
+            {"tasks.num_train_classes": 1623},
+            "config field 'tasks.num_train_classes' = 1623 exceeds the 1622 characters available with "
+            "tasks.split = 'random'",
+        ),
+        (
+            {"tasks.split": "background"},
+            "config field 'tasks.num_train_classes' = 1200 exceeds the 964 characters available with "
+            "tasks.split = 'background'",
+        ),
+        (
+            {"tasks.num_ways": 30, "tasks.num_train_classes": 1600},
+            "config field 'tasks.num_ways' = 30 exceeds 'tasks.num_test_classes' = 23: a task needs num_ways "
+            "distinct characters",
+        ),
     ],
 )
-def test_paper_configs(name, ways, shots):
-    import importlib.util
+def test_omniglot_limits_are_the_familys_check_config_with_its_own_message(overrides, message):
+    """validate runs the omniglot family's check_config as it runs an imported family's, without the
+    imported family's "tasks.family = ..." prefix: the message is the whole error."""
+    config = omniglot_configs.get_config("ways=5,shots=1")
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.with_fields(config, overrides)
+    assert str(error.value) == message
+    with config.unlocked():
+        for name, value in overrides.items():
+            config.tasks[name.split(".")[1]] = value
+    with pytest.raises(config_lib.ConfigError) as direct:
+        families.Omniglot.check_config(config)
+    assert str(direct.value) == message
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(helpers.REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = config_lib.validate(module.get_config())
-    assert (c.tasks.family, c.tasks.num_ways, c.tasks.num_support, c.tasks.num_query) == (
-        "omniglot",
-        ways,
-        shots,
-        shots,
+
+# The paper configs' fields that differ from default_config(), as trainer/config.py:omniglot_config(ways,
+# shots) gave them before configs/omniglot.py replaced it and the four files configs/omniglot_<N>way<K>shot.py
+# (RESULTS.md's commands used those files, and must still run the same experiments).
+_PAPER_FIELDS = {
+    "checkpoint.every_steps": 1000,
+    "eval.batch_size": 100,
+    "eval.every_steps": 1000,
+    "eval.num_tasks": 600,
+    "inner.l2reg": 0.5,
+    "inner.solver": "gd",
+    "inner.tol": 0.0001,
+    "logging.every_steps": 50,
+    "meta_grad.damping": 5.0,
+    "meta_grad.drop_tasks": "nonfinite",
+    "meta_grad.solver_maxiter": 5,
+    "model.activation": "relu",
+    "model.conv_impl": "patches",
+    "model.dtype": "float32",
+    "model.normalization": "batch",
+    "tasks.family": "omniglot",
+    "train.num_steps": 20000,
+}
+_PAPER_ROWS = {
+    "ways=5,shots=1": {"inner.maxiter": 16, "tasks.num_query": 1, "tasks.num_support": 1},
+    "ways=5,shots=5": {"inner.maxiter": 16, "tasks.num_query": 5, "tasks.num_support": 5},
+    "ways=20,shots=1": {
+        "inner.maxiter": 25,
+        "tasks.num_query": 1,
+        "tasks.num_support": 1,
+        "tasks.num_ways": 20,
+    },
+    "ways=20,shots=5": {
+        "inner.maxiter": 25,
+        "tasks.num_query": 5,
+        "tasks.num_support": 5,
+        "tasks.num_ways": 20,
+    },
+}
+
+
+@pytest.mark.parametrize("arg", sorted(_PAPER_ROWS))
+def test_paper_configs_are_the_old_files_field_for_field(arg):
+    expected = {**config_lib._flatten(config_lib.default_config()), **_PAPER_FIELDS, **_PAPER_ROWS[arg]}
+    flat = config_lib._flatten(config_lib.validate(omniglot_configs.get_config(arg)))
+    kinds = lambda d: {k: (type(v).__name__, v) for k, v in d.items()}  # 5.0 is not 5.
+    assert kinds(flat) == kinds(expected)
+    assert f"--config=configs/omniglot.py:{arg} " in omniglot_configs.__doc__
+
+
+@pytest.mark.parametrize(
+    "arg,expected",
+    [
+        ("", {"ways": 5, "shots": 1}),
+        ("ways=20", {"ways": 20, "shots": 1}),
+        ("shots=5", {"ways": 5, "shots": 5}),
+        ("shots=5, ways=20", {"ways": 20, "shots": 5}),
+    ],
+)
+def test_omniglot_config_argument_defaults_to_5_way_1_shot(arg, expected):
+    assert omniglot_configs.parse_argument(arg) == expected
+    c = omniglot_configs.get_config(arg)
+    assert (c.tasks.num_ways, c.tasks.num_support, c.tasks.num_query) == (
+        expected["ways"],
+        expected["shots"],
+        expected["shots"],
     )
-    assert (
-        c.inner.solver,
-        c.inner.maxiter,
-        c.inner.gd_stepsize,
-        c.inner.l2reg,
-        c.meta_grad.solver_maxiter,
-        c.meta_grad.damping,
-        c.train.meta_batch_size,
-        c.outer.learning_rate,
-        c.outer.optimizer,
-        c.model.dtype,
-        c.model.normalization,
-    ) == ("gd", 16 if ways == 5 else 25, 0.1, 0.5, 5, 5.0, 32, 1e-3, "adam", "float32", "batch")
-    assert (c.tasks.num_train_classes, c.eval.num_tasks, c.model.conv_width, c.model.conv_blocks) == (
-        1200,
-        600,
-        64,
-        4,
+    assert omniglot_configs.get_config().to_dict() == omniglot_configs.get_config("ways=5,shots=1").to_dict()
+
+
+@pytest.mark.parametrize(
+    "arg,expected",
+    [
+        ("ways=x", "config argument 'ways' = 'x' is invalid: expected an integer >= 2"),
+        ("ways=1", "config argument 'ways' = '1' is invalid: expected an integer >= 2"),
+        ("shots=0", "config argument 'shots' = '0' is invalid: expected an integer >= 1"),
+        ("shots=-1", "config argument 'shots' = '-1' is invalid: expected an integer >= 1"),
+        ("shots=2.5", "config argument 'shots' = '2.5' is invalid: expected an integer >= 1"),
+        ("way=5", "unknown config argument 'way=5' in 'way=5': expected keys ['shots', 'ways']"),
+        ("ways=5,5", "unknown config argument '5' in 'ways=5,5': expected keys ['shots', 'ways']"),
+        ("ways=5,ways=20", "config argument 'ways' is given twice"),
+    ],
+)
+def test_omniglot_config_argument_errors_name_the_key(arg, expected):
+    with pytest.raises(config_lib.ConfigError) as error:
+        omniglot_configs.get_config(arg)
+    assert str(error.value).startswith(expected) and "configs/omniglot.py:ways=N,shots=K" in str(error.value)
+
+
+def _run(module, args):
+    env = {**os.environ, "PYTHONPATH": helpers.REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=helpers.REPO, env=env, capture_output=True, text=True
     )
-    assert f"--config=configs/{name}.py" in module.__doc__
+
+
+@pytest.mark.parametrize("module", ["trainer.main", "trainer.sweep"])
+def test_cli_passes_the_argument_and_reports_a_bad_one_in_one_line(tmp_path, module):
+    """The argument reaches get_config: 20 ways need more than 10 characters, 5 + 16 images more than 20 (each a
+    validation error before any work); a bad argument is one line and exit status 2."""
+    args = [f"--workdir={tmp_path}/w"] + (["--values=0.5,1"] if module == "trainer.sweep" else [])
+    for overrides, expected in (
+        (
+            ["--config=configs/omniglot.py:ways=20,shots=5", "--config.tasks.num_train_classes=10"],
+            "config field 'tasks.num_ways' = 20 exceeds 'tasks.num_train_classes' = 10",
+        ),
+        (
+            ["--config=configs/omniglot.py:ways=20,shots=5", "--config.tasks.num_query=16"],
+            "config fields 'tasks.num_support' + 'tasks.num_query' = 21",
+        ),
+        (
+            ["--config=configs/omniglot.py:ways=x"],
+            "error: invalid config configs/omniglot.py:ways=x: config argument 'ways' = 'x' is invalid: "
+            "expected an integer >= 2",
+        ),
+    ):
+        proc = _run(module, [*overrides, *args])
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "w").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import omniglot as omniglot_configs
 from tests import helpers
 from tests.test_evaluate import run_evaluate_cli, saved_run  # noqa: F401  (a fixture)
 from trainer import config as config_lib
@@ -91,7 +92,7 @@ def test_kshot_curves_of_an_imported_regression_family():
 
 
 def test_kshot_curves_refuse_classification():
-    config = config_lib.omniglot_config(5, 1)
+    config = omniglot_configs.get_config("ways=5,shots=1")
     with pytest.raises(config_lib.ConfigError, match="tasks.family"):
         studies.kshot_curves(
             config, None, jax.random.key(0), families_lib.get_family(config), "map", shots=(1,)

@@ -178,63 +178,25 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def omniglot_config(num_ways: int, num_shots: int) -> ml_collections.ConfigDict:
-    """The iMAML paper's Omniglot N-way K-shot experiment (Rajeswaran et al. 2019, section 5 and appendix).
-
-    The paper's settings: iMAML-GD, 16 inner gradient steps (25 for 20-way), 5 CG steps for the
-    meta-gradient, meta-batch 32, Adam 1e-3, K support and K query images per class, 1200 meta-training
-    characters, MAML's conv net (4 x 64 filters) with batch statistics of the current batch.
-    Two choices differ from the paper's lambda = 2 and undamped solve, as measured in RESULTS.md ("Learning
-    per meta-step"): lambda = 0.5, and the implicit solve damped by 5 (16 fixed steps on a ReLU conv net need
-    not reach a minimum, H + lambda I can then be indefinite, and 5 undamped CG steps returned meta-gradients
-    orders of magnitude too large).
-    """
-    c = default_config()
-    c.model.dtype = "float32"
-    c.model.activation = "relu"
-    c.model.conv_width = 64
-    c.model.conv_blocks = 4
-    c.model.conv_impl = "patches"  # The same maths as "xla"; faster on XLA:CPU (bench.omniglot).
-    c.model.normalization = "batch"  # Statistics of the batch at hand (support or query set), as MAML's.
-    c.tasks.family = "omniglot"
-    c.tasks.num_ways = num_ways
-    c.tasks.num_support = num_shots
-    c.tasks.num_query = num_shots
-    c.tasks.split = "random"
-    c.tasks.num_train_classes = 1200
-    c.tasks.num_test_classes = 0  # The other 423.
-    c.tasks.image_size = 28
-    c.tasks.rotate = True
-    c.inner.solver = "gd"
-    c.inner.gd_stepsize = 0.1
-    c.inner.l2reg = 0.5
-    c.inner.maxiter = 16 if num_ways <= 5 else 25
-    c.inner.tol = 1e-4  # Reachable in float32; solves stop at maxiter, as the paper's fixed steps do.
-    c.meta_grad.estimator = "implicit"
-    c.meta_grad.linear_solver = "cg"
-    c.meta_grad.solver_maxiter = 5  # The paper's 5 CG steps (tol below float32 roundoff: always 5 steps).
-    c.meta_grad.solver_tol = 1e-10
-    c.meta_grad.damping = 5.0
-    # A fixed budget of 16 steps does not reach tol: only non-finite tasks are dropped.
-    c.meta_grad.drop_tasks = "nonfinite"
-    c.outer.optimizer = "adam"
-    c.outer.learning_rate = 1e-3
-    c.train.num_steps = 20000  # The paper's code asks for at least 20,000 meta-steps.
-    c.train.meta_batch_size = 32
-    c.eval.every_steps = 1000
-    c.eval.num_tasks = 600  # Mean accuracy over 600 held-out tasks with a 95% CI, as reported in the paper.
-    c.eval.batch_size = 100
-    c.logging.every_steps = 50
-    c.checkpoint.every_steps = 1000
-    return c
-
-
 def family_config(family: str) -> ml_collections.ConfigDict:
     """The default config with an imported task family ("module.path:ClassName") and its default options in
     tasks.options (so that `--config.tasks.options.<name>=...` can override them)."""
     c = default_config()
     c.tasks.family = family
     return validate(c)
+
+
+def config_file_error(error: BaseException) -> ConfigError | None:
+    """The ConfigError a config file's get_config raised (e.g. `configs/omniglot.py:ways=x`), found in the
+    error absl's flag parsing reports (ml_collections re-raises it with its traceback as the message, absl
+    wraps that again); None when the error did not come from one."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:  # The innermost one is get_config's own.
+        seen.add(id(error))
+        if isinstance(error, ConfigError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
 
 
 def _choice(allowed: Sequence[str]) -> Callable[[Any], str | None]:
@@ -486,23 +448,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config field 'inner.tol' = {flat['inner.tol']} is unreachable in float32: "
             "expected >= 1e-7, or model.dtype = 'float64'"
         )
-    if flat["tasks.family"] not in FAMILIES:
-        _validate_family(config)
-    elif flat["tasks.options"]:
+    if flat["tasks.family"] in FAMILIES and flat["tasks.options"]:
         raise ConfigError(
             f"config field 'tasks.options' = {dict(flat['tasks.options'])} is for imported task families; "
             f"tasks.family = {flat['tasks.family']!r} has none (its fields are the other tasks.* fields)"
         )
-    if flat["tasks.family"] == "omniglot":
-        _validate_omniglot(flat)
+    _validate_family(config)
     return config
 
 
 def _validate_family(config: ml_collections.ConfigDict) -> None:
-    """Imports the family of tasks.family and checks it (trainer/families.py), then its fields in
-    tasks.options: none unknown, the missing ones filled in with its defaults, each of its default's kind,
-    and the family's own `check_config(config)` (a ValueError names the bad field)."""
-    # Imported here, not at the top: an imported family brings in JAX, a built-in one does not.
+    """The family of tasks.family (a built-in one, or imported now and checked: trainer/families.py), then its
+    fields in tasks.options: none unknown, the missing ones filled in with its defaults, each of its default's
+    kind, and the family's own `check_config(config)` (a ValueError names the bad field; a built-in family's
+    ConfigError is its whole message, an imported one's is prefixed with tasks.family)."""
+    # Imported here, not at the top: the families bring in JAX (and trainer.families imports this module),
+    # which loading a config file and the CLI's flag parsing do not need.
     from trainer import families
 
     name = config.tasks.family
@@ -527,48 +488,13 @@ def _validate_family(config: ml_collections.ConfigDict) -> None:
                 f"(the default of tasks.family = {name!r} is {default!r})"
             )
     check = getattr(family, "check_config", None)
-    if check is not None:
+    if check is not None and name in FAMILIES:
+        check(config)  # Its ConfigError names the field in full (omniglot: what the data set allows).
+    elif check is not None:
         try:
             check(config)
         except ValueError as e:
             raise ConfigError(f"tasks.family = {name!r}: {e}") from e
-
-
-# Omniglot's size, fixed by the data set (checked again when the data are loaded).
-OMNIGLOT_BACKGROUND_CLASSES, OMNIGLOT_EVALUATION_CLASSES, OMNIGLOT_DRAWERS = 964, 659, 20
-
-
-def omniglot_class_limits(split: str, num_train_classes: int) -> tuple[int, int]:
-    """The most (meta-train, meta-test) characters a split can have."""
-    if split == "background":
-        return OMNIGLOT_BACKGROUND_CLASSES, OMNIGLOT_EVALUATION_CLASSES
-    total = OMNIGLOT_BACKGROUND_CLASSES + OMNIGLOT_EVALUATION_CLASSES
-    return total - 1, total - num_train_classes
-
-
-def _validate_omniglot(flat: dict[str, Any]) -> None:
-    shots = flat["tasks.num_support"] + flat["tasks.num_query"]
-    if shots > OMNIGLOT_DRAWERS:
-        raise ConfigError(
-            f"config fields 'tasks.num_support' + 'tasks.num_query' = {shots}: omniglot has "
-            f"{OMNIGLOT_DRAWERS} images per character, expected <= {OMNIGLOT_DRAWERS}"
-        )
-    train_limit, test_limit = omniglot_class_limits(flat["tasks.split"], flat["tasks.num_train_classes"])
-    num_test = flat["tasks.num_test_classes"] or test_limit
-    for name, value, limit in (
-        ("num_train_classes", flat["tasks.num_train_classes"], train_limit),
-        ("num_test_classes", num_test, test_limit),
-    ):
-        if value > limit:
-            raise ConfigError(
-                f"config field 'tasks.{name}' = {value} exceeds the {limit} characters "
-                f"available with tasks.split = {flat['tasks.split']!r}"
-            )
-        if flat["tasks.num_ways"] > value:
-            raise ConfigError(
-                f"config field 'tasks.num_ways' = {flat['tasks.num_ways']} exceeds "
-                f"'tasks.{name}' = {value}: a task needs num_ways distinct characters"
-            )
 
 
 def check_device_count(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -18,7 +18,8 @@ and the class attributes
   loss_metric                              the one of them that is the loss
   keeps_eval_outputs                       whether evaluation keeps adapted parameters and tasks (figures)
 An imported family may also declare `default_options`, its own config fields (tasks.options.<name>) with
-their defaults, and `check_config(config)`, raising ValueError naming a bad field. `Regression` is the
+their defaults; any family may declare `check_config(config)`, raising ValueError naming a bad field, which
+`config.validate` runs (omniglot's: what the data set allows). `Regression` is the
 regression part (MLP, MSE, the "zero" baseline): a family deriving from it writes `sample_task` only.
 `data` (the image array) is an argument of the jitted sampling functions, placed once on every device, and
 never a compile-time constant.
@@ -154,6 +155,11 @@ class Omniglot:
     metric_names: ClassVar[tuple[str, ...]] = ("acc", "loss")
     loss_metric: ClassVar[str] = "loss"
     keeps_eval_outputs: ClassVar[bool] = False  # 600 tasks of conv-net parameters are not worth keeping.
+
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        """What the data set allows (images per character, characters per split): trainer/omniglot.py."""
+        omniglot_lib.check_config(config)
 
     def make_model(self, config: ml_collections.ConfigDict):
         return model_lib.make_model(config)

@@ -185,6 +185,11 @@ def _missing_config_file(argv: list[str]) -> str | None:
     return None
 
 
+def _config_argument(argv: list[str]) -> str:
+    """What --config names: the file and the argument after its ':'."""
+    return next((a[len("--config=") :] for a in argv[1:] if a.startswith("--config=")), "--config")
+
+
 def _unknown_override(argv: list[str]) -> str | None:
     """The first `--config.<field>=...` naming no config field, as an error message (None if all are known)."""
     from trainer import config as config_lib
@@ -221,13 +226,17 @@ def _unknown_option(argv: list[str], error: Exception) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every user error as one line on stderr and exit status 2 (no traceback):
-    an unknown config field, a value of the wrong type, a missing or broken config file, a missing flag."""
+    an unknown config field, a value of the wrong type, a missing or broken config file, a bad argument of
+    the config file (`--config=configs/omniglot.py:ways=x`), a missing flag."""
     message = _missing_config_file(argv) or _unknown_override(argv)
     if message is None:
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
-            message = str(e)
+            from trainer import config as config_lib
+
+            error = config_lib.config_file_error(e)  # A bad argument of the file, configs/omniglot.py:ways=x.
+            message = str(e) if error is None else f"invalid config {_config_argument(argv)}: {error}"
         except Exception as e:  # Raised while loading the config file: missing, syntax error, bad code.
             message = _unknown_option(argv, e) or (
                 f"cannot load the config file (--config): {type(e).__name__}: {e}"

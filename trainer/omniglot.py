@@ -39,13 +39,13 @@ import numpy as np
 
 from trainer import config as config_lib
 
+# Omniglot's size, fixed by the data set (checked again when the data are loaded).
+OMNIGLOT_BACKGROUND_CLASSES, OMNIGLOT_EVALUATION_CLASSES, OMNIGLOT_DRAWERS = 964, 659, 20
+
 SETS = ("background", "evaluation")
-NUM_CLASSES = {
-    "background": config_lib.OMNIGLOT_BACKGROUND_CLASSES,
-    "evaluation": config_lib.OMNIGLOT_EVALUATION_CLASSES,
-}
-FIRST_ID = {"background": 1, "evaluation": config_lib.OMNIGLOT_BACKGROUND_CLASSES + 1}
-NUM_DRAWERS = config_lib.OMNIGLOT_DRAWERS
+NUM_CLASSES = {"background": OMNIGLOT_BACKGROUND_CLASSES, "evaluation": OMNIGLOT_EVALUATION_CLASSES}
+FIRST_ID = {"background": 1, "evaluation": OMNIGLOT_BACKGROUND_CLASSES + 1}
+NUM_DRAWERS = OMNIGLOT_DRAWERS
 RAW_SIZE = 105
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "imaml_trainer", "omniglot")
 _CACHE_VERSION = 1  # Bump when the preprocessing changes, so stale caches are not read.
@@ -425,6 +425,42 @@ def load(
 
 # ---------------------------------------------------------------------------------------------------------
 # Splits and task sampling
+
+
+def omniglot_class_limits(split: str, num_train_classes: int) -> tuple[int, int]:
+    """The most (meta-train, meta-test) characters a split can have."""
+    if split == "background":
+        return OMNIGLOT_BACKGROUND_CLASSES, OMNIGLOT_EVALUATION_CLASSES
+    total = OMNIGLOT_BACKGROUND_CLASSES + OMNIGLOT_EVALUATION_CLASSES
+    return total - 1, total - num_train_classes
+
+
+def check_config(config) -> None:
+    """What the data set allows of the config's tasks (the omniglot family's `check_config`, run by
+    `config.validate`): images per character, and characters per split and per task. Raises ConfigError."""
+    t = config.tasks
+    shots = t.num_support + t.num_query
+    if shots > OMNIGLOT_DRAWERS:
+        raise config_lib.ConfigError(
+            f"config fields 'tasks.num_support' + 'tasks.num_query' = {shots}: omniglot has "
+            f"{OMNIGLOT_DRAWERS} images per character, expected <= {OMNIGLOT_DRAWERS}"
+        )
+    train_limit, test_limit = omniglot_class_limits(t.split, t.num_train_classes)
+    num_test = t.num_test_classes or test_limit
+    for name, value, limit in (
+        ("num_train_classes", t.num_train_classes, train_limit),
+        ("num_test_classes", num_test, test_limit),
+    ):
+        if value > limit:
+            raise config_lib.ConfigError(
+                f"config field 'tasks.{name}' = {value} exceeds the {limit} characters "
+                f"available with tasks.split = {t.split!r}"
+            )
+        if t.num_ways > value:
+            raise config_lib.ConfigError(
+                f"config field 'tasks.num_ways' = {t.num_ways} exceeds "
+                f"'tasks.{name}' = {value}: a task needs num_ways distinct characters"
+            )
 
 
 def split_rows(split: str, seed: int, num_train: int, num_test: int) -> tuple[np.ndarray, np.ndarray]:

@@ -79,8 +79,24 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a bad argument of the config file (`--config=configs/omniglot.py:ways=x`) is one
+    line on stderr and exit status 2, as trainer.main reports it (other flag errors: absl's report)."""
+    from trainer import config as config_lib
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        error = config_lib.config_file_error(e)
+        if error is None:
+            return app.parse_flags_with_usage(argv)
+    config = next((a[len("--config=") :] for a in argv[1:] if a.startswith("--config=")), "--config")
+    print(f"error: invalid config {config}: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
