@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import smoke
 from trainer import config as config_lib
 from trainer import families, mapping, optim, parallel, sinusoid
 from trainer import model as model_lib
@@ -20,16 +20,9 @@ from trainer import train_step as train_step_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _smoke_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("smoke_config", os.path.join(REPO, "configs", "smoke.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def small_config(**overrides) -> ml_collections.ConfigDict:
     """configs/smoke.py on one device (backend 'none'), 4 steps, no periodic evaluation: seconds of compute."""
-    c = _smoke_config()
+    c = smoke.get_config()
     c.train.num_steps = 4
     c.eval.every_steps = 0
     c.logging.every_steps = 1
