@@ -124,3 +124,32 @@ def test_cli_rejects_invalid_value_before_any_work(tmp_path):
     )
     assert proc.returncode != 0
     assert "meta_grad.estimator" in proc.stderr and "implicit" in proc.stderr
+
+
+def test_flatten_reads_a_config_and_its_saved_form_alike():
+    config = config_lib.family_config("examples.polynomial:Polynomial")
+    flat = config_lib.flatten(config)
+    saved = config_lib.flatten(config_lib.to_dict(config))
+    assert set(flat) == set(saved) and "tasks.options.degree" in flat and "inner.l2reg" in flat
+    assert saved["model.hidden_sizes"] == list(
+        flat["model.hidden_sizes"]
+    )  # JSON's lists, the schema's tuples
+    kept = config_lib.flatten(config, keep=("tasks.options",))
+    assert (
+        "tasks.options.degree" not in kept and kept["tasks.options"]["degree"] == flat["tasks.options.degree"]
+    )
+
+
+def test_a_saved_config_is_completed_by_the_defaults_and_checked():
+    saved = config_lib.to_dict(helpers.small_config())
+    del saved["meta_grad"]["damping"]  # Written before the field existed.
+    saved["inner"]["l2reg"] = 3.0
+    config = config_lib.from_saved(saved, "config.json")
+    assert config.meta_grad.damping == config_lib.default_config().meta_grad.damping
+    assert config.inner.l2reg == 3.0 and config.model.hidden_sizes == (8, 8)
+    saved["inner"]["l2reg"] = "abc"
+    with pytest.raises(config_lib.ConfigError, match=r"^config.json: field 'inner.l2reg' = 'abc'"):
+        config_lib.from_saved(saved, "config.json")
+    saved["inner"]["l2reg"] = -1.0
+    with pytest.raises(config_lib.ConfigError, match=r"^config.json: .*inner.l2reg"):
+        config_lib.from_saved(saved, "config.json")
