@@ -413,6 +413,30 @@ def _finish(run: _Run, pending: _Pending | None, chrono: Chrono) -> None:
         _record(run, pending.step, _pull(run, pending, chrono))
 
 
+def _evaluate_and_save(
+    run: _Run, pending: _Pending, state, chrono: Chrono, *, evaluate: bool, save: bool
+) -> None:
+    """Finishes the step in flight (pulled first: timed and checked once), evaluates it and/or checkpoints it.
+    The checkpoint is saved after the step's metrics are written, so that no resume can skip their line."""
+    metrics = _pull(run, pending, chrono)
+    host_state = run.backend.host_state(state)
+    extra, outputs = _evaluate(run, host_state) if evaluate else (None, None)
+    _record(run, pending.step, metrics, extra)
+    if save:
+        run.checkpointer.save(pending.step, host_state, metrics=extra)
+    if evaluate:
+        _report_evaluation(run, pending.step, host_state, outputs)
+
+
+def _save_and_stop(run: _Run, step: int, state) -> None:
+    """Saves `step` (unless no step ran in this call) and raises `checkpointing.Preempted`."""
+    saved = step > run.start_step
+    if saved:
+        run.checkpointer.save(step, run.backend.host_state(state))
+        run.checkpointer.wait()
+    raise checkpointing.Preempted(step, run.preemption.reason, run.checkpointer.directory, saved=saved)
+
+
 def _evaluate(run: _Run, host_state) -> tuple[dict[str, float], dict[str, Any]]:
     """The held-out evaluation of `host_state`: its metrics with eval_time_s, and its raw outputs."""
     started = time.perf_counter()
@@ -464,11 +488,7 @@ def _train_and_evaluate(
             profiler.stop()
         if run.preemption.reached(step):  # SIGTERM/SIGINT (agreed on by all processes): save this step, stop.
             _finish(run, pending, chrono)
-            saved = step > run.start_step  # Nothing to save before the first step of this run.
-            if saved:
-                checkpointer.save(step, backend.host_state(state))
-                checkpointer.wait()
-            raise checkpointing.Preempted(step, run.preemption.reason, checkpointer.directory, saved=saved)
+            _save_and_stop(run, step, state)
         task_batch = backend.sample_tasks(task_key, step)
         profiler.before_dispatch(step)
         dispatched = time.perf_counter()
@@ -482,14 +502,7 @@ def _train_and_evaluate(
         best = bool(config.checkpoint.best_metric)
         ckpt_due = _due(pending.step, config.checkpoint.every_steps, last) or (eval_due and best)
         if eval_due or ckpt_due:
-            metrics = _pull(run, pending, chrono)  # Finish this step before evaluating or saving it.
-            host_state = backend.host_state(state)
-            extra, outputs = _evaluate(run, host_state) if eval_due else (None, None)
-            _record(run, pending.step, metrics, extra)
-            if ckpt_due:  # After the step's metrics are written, so that no resume can skip their line.
-                checkpointer.save(pending.step, host_state, metrics=extra)
-            if eval_due:
-                _report_evaluation(run, pending.step, host_state, outputs)
+            _evaluate_and_save(run, pending, state, chrono, evaluate=eval_due, save=ckpt_due)
             pending = None
     _finish(run, pending, chrono)
     profiler.stop()
