@@ -8,6 +8,8 @@ when its fingerprint matches. The fingerprint covers what decides the program: t
 config fields (`program_fields`), the versions of jax, jaxlib, jaxopt, optax, flax and numpy, the devices and
 their platform version, the CPU, XLA flags, the JAX options that change lowering, and the shapes, dtypes and
 shardings of the step's inputs. Any change compiles afresh (and saves under a new name).
+`train_step_for_run` gives the loop its step callable; `configure_jax` makes the JAX settings a run needs
+before any array exists (float64 when asked for, the persistent compilation cache in `cache_directory`).
 
 Used for single-process runs with the `shard_map` or `none` backend; `pmap` and multi-process runs rely on the
 compilation cache alone. Only a fresh compilation is saved (what JAX's own cache writes at that moment): an
@@ -38,7 +40,7 @@ import ml_collections
 from jax.experimental import serialize_executable
 
 from trainer import config as config_lib
-from trainer import distributed, workdir
+from trainer import distributed, families, workdir
 
 SUFFIX = ".jaxexe"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -88,8 +90,6 @@ def _family_source_digest(config: ml_collections.ConfigDict) -> str:
     its loss is traced into the step, so an edit must not load the old program."""
     if config.tasks.family in config_lib.FAMILIES:
         return ""
-    from trainer import families
-
     module = sys.modules[families.family_class(config.tasks.family).__module__]
     with open(module.__file__, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
