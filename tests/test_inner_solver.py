@@ -217,10 +217,10 @@ def _solve_tree_and_flat(solver_name, stop) -> _Solves:
     unravel(v)); cached, as several tests look at the same solves (the compiles are the slow part)."""
     config = helpers.small_config(**SOLVE_FIELDS, **SOLVER_FIELDS[solver_name], **STOP_FIELDS[stop])
     model = model_lib.make_model(config)
-    keys = tasks_lib.split_keys(config.seed)
+    keys = families.split_keys(config.seed)
     theta = model_lib.init_params(model, keys["init"])
-    task = tasks_lib.sample_tasks(config.tasks, keys["train"], 0, jnp.arange(1), jnp.float64)
-    support = tasks_lib.support(jax.tree.map(lambda a: a[0], task))
+    task = helpers.sinusoid_tasks(config.tasks, keys["train"], 0, jnp.arange(1), jnp.float64)
+    support = families.support(jax.tree.map(lambda a: a[0], task))
     theta_flat, unravel = ravel_pytree(theta)
     loss = helpers.support_loss(model)
     calls = []
