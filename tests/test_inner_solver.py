@@ -291,20 +291,7 @@ def test_inner_stats_describe_the_returned_point(solver_name, stop):
         assert int(stats.linesearch_failures) == 0
 
 
-_UNROLLED_OVERCOUNTS = pytest.mark.xfail(
-    strict=True,
-    reason="UnrolledGradientDescent reports iter_num + 1 evaluations; jaxopt's GradientDescent evaluates the "
-    "objective once per iteration and not in init_state, so it makes iter_num",
-)
-
-
-@pytest.mark.parametrize(
-    "solver_name,stop",
-    [
-        pytest.param(*case, marks=_UNROLLED_OVERCOUNTS if case[0] == "unrolled" else ())
-        for case in SOLVER_CASES
-    ],
-)
+@pytest.mark.parametrize("solver_name,stop", SOLVER_CASES)
 def test_evaluations_count_the_solves_loss_evaluations(solver_name, stop):
     """InnerStats.evaluations against a callback in the loss counting its evaluations: all but one are the
     solve's (the last is the residual measured at the returned point)."""

@@ -278,7 +278,8 @@ class UnrolledGradientDescent:
             unroll=True,
         )
         x, state = solver.run(init, theta, data)
-        return x, _stats(problem, x, theta, data, state.iter_num, self.tol, 0, state.iter_num + 1)
+        # One objective gradient per iteration; jaxopt's init_state evaluates nothing.
+        return x, _stats(problem, x, theta, data, state.iter_num, self.tol, 0, state.iter_num)
 
 
 def make_solver(config: ml_collections.ConfigDict, differentiable: bool = True) -> InnerSolver:
