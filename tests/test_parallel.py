@@ -148,9 +148,11 @@ def test_each_device_stops_with_its_own_tasks():
 
 
 def test_ill_conditioned_meta_gradient_agrees_loosely():
-    """lambda = 0.01, unconverged inner solves: rounding is amplified, so only a loose agreement is fair."""
+    """lambda = 0.01, unconverged inner solves, vmapped tasks (whose while loop runs until the device's slowest
+    task stops, so a task's iterations depend on its device's other tasks): only a loose agreement is fair."""
     config = helpers.small_config(
         **{
+            "parallel.task_mapping": "vmap",
             "inner.l2reg": 0.01,
             "inner.maxiter": 100,
             "inner.tol": 1e-10,
@@ -167,9 +169,9 @@ def test_ill_conditioned_meta_gradient_agrees_loosely():
     cosine = grad @ ref_grad / (np.linalg.norm(grad) * np.linalg.norm(ref_grad))
     rel = np.linalg.norm(grad - ref_grad) / np.linalg.norm(ref_grad)
     print(f"ill-conditioned: meta-gradient cosine {cosine:.6f}, relative difference {rel:.2e}")
-    # Measured: cosine 0.87 at 4 devices. A mix-up of tasks between devices gives unrelated gradients.
+    # Tasks mixed up between devices would give unrelated gradients (cosine near 0).
     assert cosine > 0.8
-    np.testing.assert_allclose(sharded[0]["query_loss"], ref[0]["query_loss"], rtol=0.05)
+    np.testing.assert_allclose(sharded[0]["query_loss"], ref[0]["query_loss"], rtol=0.1)
 
 
 def test_cli_on_four_devices_writes_same_metrics_as_on_one(tmp_path):
