@@ -1,5 +1,6 @@
 """A training run read back from its workdir: the config saved with a checkpoint (completed by the defaults,
-`config.from_saved`), its task family, model and meta-parameters. Used by the evaluation CLI (its K-shot curves too) and by warm starts.
+`config.from_saved`), its task family, model and meta-parameters. Used by the evaluation CLI (its K-shot
+curves too) and by warm starts.
 """
 
 from __future__ import annotations
