@@ -113,7 +113,7 @@ def run(settings: Settings, log=print) -> dict[str, Any]:
     theta = problem.meta_params
     rows = []
     for key, description, overrides in variants(settings):
-        # Tasks one after another (lax.map): the vmapped program compiles slower (bench section 5), and here each
+        # Tasks one after another (lax.map): the vmapped program compiles slower, and here each
         # task's cost should not depend on the slowest task of the batch.
         config = make_config(settings, parallel__task_mapping="map", **overrides)
         task_meta_grad = meta_grad_lib.make_task_meta_grad(config, problem.model, families.get_family(config))

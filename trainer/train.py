@@ -480,6 +480,7 @@ def _train_and_evaluate(
             chrono.compile.record(seconds)
     profiler = StepProfiler(monitoring.tensorboard_dir(workdir), profile_steps, writer.log)
     cleanup.callback(profiler.stop)
+    best = bool(config.checkpoint.best_metric)  # Then every evaluated step is a candidate for the best.
     pending = None
     for step in range(run.start_step, last):
         if profiler.due_to_stop(step):  # The traced steps' results first, so that the trace holds them whole.
@@ -498,8 +499,6 @@ def _train_and_evaluate(
         _finish(run, pending, chrono)
         pending = _Pending(step + 1, device_metrics, dispatched)
         eval_due = _due(pending.step, config.eval.every_steps, last)
-        # With checkpoint.best_metric every evaluated step is a candidate for the best checkpoint.
-        best = bool(config.checkpoint.best_metric)
         ckpt_due = _due(pending.step, config.checkpoint.every_steps, last) or (eval_due and best)
         if eval_due or ckpt_due:
             _evaluate_and_save(run, pending, state, chrono, evaluate=eval_due, save=ckpt_due)
