@@ -293,7 +293,78 @@ def test_inner_stats_describe_the_returned_point(solver_name, stop):
 
 @pytest.mark.parametrize("solver_name,stop", SOLVER_CASES)
 def test_evaluations_count_the_solves_loss_evaluations(solver_name, stop):
-    """InnerStats.evaluations against a callback in the loss counting its evaluations: all but one are the
-    solve's (the last is the residual measured at the returned point)."""
+    """InnerStats.evaluations against a callback in the loss counting its evaluations: every one is the solve's,
+    but for one more where the residual at the returned point is evaluated afterwards (iMAML-GD's is the norm
+    of the gradient its last step evaluated there, so nothing is evaluated twice)."""
     solves = _solve_tree_and_flat(solver_name, stop)
-    assert int(solves.tree[1].evaluations) == solves.loss_calls - 1
+    residual_evaluations = 0 if solver_name == "gd" else 1
+    assert int(solves.tree[1].evaluations) == solves.loss_calls - residual_evaluations
+
+
+def _spd_system(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((n, n))
+    return jnp.asarray(m @ m.T + 0.5 * np.eye(n)), jnp.asarray(rng.standard_normal(n))
+
+
+@pytest.mark.parametrize("maxiter", [1, 5, 200])
+def test_cg_is_scipys_iteration_without_the_product_with_zero(maxiter):
+    """solve_cg is jax.scipy's CG started at zero, bitwise, but evaluates A exactly `maxiter` times (jax.scipy
+    evaluates A 0 first); run long enough it solves the system to its tolerance."""
+    import jax.scipy.sparse.linalg as sparse_linalg
+
+    a, b = _spd_system()
+    products = {"ours": [], "scipy": []}
+
+    def counted(name):
+        def matvec(v):
+            jax.debug.callback(lambda: products[name].append(None))
+            return a @ v
+
+        return matvec
+
+    ours = inner_lib.solve_cg(counted("ours"), b, tol=1e-13, maxiter=maxiter)
+    reference = sparse_linalg.cg(counted("scipy"), b, tol=1e-13, maxiter=maxiter)[0]
+    jax.effects_barrier()
+    np.testing.assert_array_equal(ours, reference)
+    assert len(products["scipy"]) == len(products["ours"]) + 1
+    if maxiter < 12:  # fewer steps than unknowns: the tolerance is out of reach
+        assert len(products["ours"]) == maxiter
+    else:
+        np.testing.assert_allclose(a @ ours, b, atol=1e-10)
+
+
+def _ridge_root(lam=0.7):
+    """x*(theta, (phi, y)) = argmin ||phi x - y||^2 / n + lam / 2 ||x - theta||^2, found by a dense solve inside
+    `implicit_root`, and the same map in closed form (differentiated by plain reverse mode)."""
+
+    def objective(x, theta, data):
+        phi, y = data
+        return jnp.mean((phi @ x - y) ** 2) + 0.5 * lam * jnp.sum((x - theta) ** 2)
+
+    def closed_form(theta, data):
+        phi, y = data
+        n, d = phi.shape
+        return jnp.linalg.solve(2 / n * phi.T @ phi + lam * jnp.eye(d), 2 / n * phi.T @ y + lam * theta)
+
+    run = lambda init, theta, data: (closed_form(theta, data), jnp.zeros((), jnp.int32))
+    solve = functools.partial(inner_lib.solve_cg, tol=1e-14, maxiter=100)
+    return inner_lib.implicit_root(run, objective, solve), closed_form
+
+
+def test_implicit_root_gradients_match_the_closed_form_for_theta_and_for_the_data():
+    """implicit_root's gradients w.r.t. theta alone, and w.r.t. theta and the data together, equal reverse mode
+    through the closed-form solution of a ridge problem; none flows into the initial point."""
+    root, closed_form = _ridge_root()
+    rng = np.random.default_rng(1)
+    phi, y = jnp.asarray(rng.standard_normal((9, 4))), jnp.asarray(rng.standard_normal(9))
+    theta, init, q = (jnp.asarray(rng.standard_normal(4)) for _ in range(3))
+    meta = lambda theta, data, init: jnp.vdot(q, root(init, theta, data)[0]) ** 2
+    reference = lambda theta, data: jnp.vdot(q, closed_form(theta, data)) ** 2
+
+    g_theta = jax.jit(jax.grad(meta))(theta, (phi, y), init)
+    np.testing.assert_allclose(g_theta, jax.grad(reference)(theta, (phi, y)), rtol=1e-9)
+    g_all = jax.jit(jax.grad(meta, argnums=(0, 1, 2)))(theta, (phi, y), init)
+    expected = jax.grad(reference, argnums=(0, 1))(theta, (phi, y))
+    chex.assert_trees_all_close(g_all[:2], expected, rtol=1e-9)
+    np.testing.assert_array_equal(g_all[2], np.zeros(4))

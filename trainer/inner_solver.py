@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import jaxopt
 import ml_collections
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 Params = Any
@@ -78,10 +79,17 @@ class InnerStats(NamedTuple):
     evaluations: jax.Array  # Evaluations of the inner objective (with its gradient) during the solve.
 
 
-def _stats(problem: InnerProblem, x, theta, data, iterations, tol, linesearch_failures, evaluations):
-    """Measures the residual at the returned point itself rather than trusting a solver's own error."""
+def _stats(
+    problem: InnerProblem, x, theta, data, iterations, tol, linesearch_failures, evaluations, gradient=None
+):
+    """Measures the residual at the returned point itself rather than trusting a solver's own error:
+    ||grad objective(x)||, from `gradient` when the solver evaluated exactly that (the objective's gradient
+    at the returned x), else evaluated here."""
     x, theta = jax.lax.stop_gradient(x), jax.lax.stop_gradient(theta)
-    residual = problem.residual(x, theta, data)
+    if gradient is None:
+        residual = problem.residual(x, theta, data)
+    else:
+        residual = tree_norm(jax.lax.stop_gradient(gradient))
     return InnerStats(
         iterations=iterations,
         residual=residual,
@@ -97,8 +105,40 @@ class InnerSolver(Protocol):
     ) -> tuple[Params, InnerStats]: ...
 
 
+def _vdot(a: Params, b: Params) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def solve_cg(matvec: Callable, b: Params, tol: float = 1e-5, maxiter: int | None = None) -> Params:
+    """Conjugate gradients for A v = b (A symmetric positive definite), started at v = 0.
+
+    The iteration of `jax.scipy.sparse.linalg.cg` (stop when ||r|| <= tol ||b||, or after `maxiter`
+    products), except that the first residual is b itself: A 0 is not evaluated, so `maxiter` steps cost
+    `maxiter` products with A, not one more.
+    """
+    maxiter = 10 * sum(leaf.size for leaf in jax.tree.leaves(b)) if maxiter is None else maxiter
+    bound = jnp.square(tol) * _vdot(b, b)
+    axpy = lambda alpha, x, y: jax.tree.map(lambda u, w: alpha * u + w, x, y)
+
+    def cond(carry):
+        _, _, gamma, _, k = carry
+        return (gamma > bound) & (k < maxiter)
+
+    def body(carry):
+        v, r, gamma, p, k = carry
+        ap = matvec(p)
+        alpha = gamma / _vdot(p, ap)
+        v, r = axpy(alpha, p, v), axpy(-alpha, ap, r)
+        gamma_next = _vdot(r, r)
+        return v, r, gamma_next, axpy(gamma_next / gamma, p, r), k + 1
+
+    zeros = jax.tree.map(jnp.zeros_like, b)
+    v, *_ = jax.lax.while_loop(cond, body, (zeros, b, _vdot(b, b), b, 0))
+    return v
+
+
 LINEAR_SOLVES = {
-    "cg": jaxopt.linear_solve.solve_cg,
+    "cg": solve_cg,
     "bicgstab": jaxopt.linear_solve.solve_bicgstab,
     "gmres": jaxopt.linear_solve.solve_gmres,
     "normal_cg": jaxopt.linear_solve.solve_normal_cg,
@@ -126,20 +166,77 @@ def flat_problem(problem: InnerProblem, theta: Params):
     return flat_objective, theta_flat, unravel
 
 
+def implicit_root(run: Callable, objective: Callable, linear_solve: Callable) -> Callable:
+    """`run(init, theta, data) -> (x, aux)` with x differentiated as the minimiser of `objective(x, theta,
+    data)`, i.e. the root of its gradient F(x, theta, data) = 0, by the implicit function theorem.
+
+    For a cotangent g of x the backward pass solves (dF/dx) u = g with `linear_solve` and returns
+    -(dF/dtheta)^T u (and -(dF/ddata)^T u when the data are differentiated; nothing is computed for them
+    otherwise). dF/dx is the Hessian of the objective, symmetric, so its products are forward-over-reverse
+    Jacobian-vector products of F, linearized once at x (`jax.linearize`). No gradient flows into `init`
+    or `aux`. The same maths as jaxopt's `custom_root`, which transposes reverse-over-reverse products.
+    """
+    optimality = jax.grad(objective)
+
+    @jax.custom_vjp
+    def root(init, theta, data):
+        return run(init, theta, data)
+
+    def values(tree):
+        return jax.tree.map(lambda p: p.value, tree, is_leaf=lambda p: isinstance(p, _Primal))
+
+    def fwd(init, theta, data):
+        init, theta, data_values = values(init), values(theta), values(data)
+        x, aux = run(init, theta, data_values)
+        # Whether the data are differentiated, carried as the residuals' structure (None or ()).
+        data_perturbed = () if any(p.perturbed for p in jax.tree.leaves(data, is_leaf=_is_primal)) else None
+        return (x, aux), (init, x, theta, data_values, data_perturbed)
+
+    def bwd(residuals, cotangents):
+        init, x, theta, data, data_perturbed = residuals
+        x_cotangent = cotangents[0]
+        zero_init = jax.tree.map(jnp.zeros_like, init)
+        if isinstance(x_cotangent, jax.custom_derivatives.SymbolicZero):
+            return zero_init, jax.tree.map(jnp.zeros_like, theta), _zero_cotangents(data)
+        _, hessian_product = jax.linearize(lambda z: optimality(z, theta, data), x)
+        u = linear_solve(hessian_product, x_cotangent)
+        minus_u = jax.tree.map(jnp.negative, u)
+        if data_perturbed is None:
+            _, vjp = jax.vjp(lambda t: optimality(x, t, data), theta)
+            return zero_init, vjp(minus_u)[0], _zero_cotangents(data)
+        _, vjp = jax.vjp(lambda t, d: optimality(x, t, d), theta, data)
+        return zero_init, *vjp(minus_u)
+
+    root.defvjp(fwd, bwd, symbolic_zeros=True)
+    return root
+
+
+_Primal = jax.custom_derivatives.CustomVJPPrimal
+_is_primal = lambda p: isinstance(p, _Primal)
+
+
+def _zero_cotangents(tree):
+    """Zero cotangents for `tree` (float0 for integer leaves, as JAX expects)."""
+    def zero(leaf):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return jnp.zeros_like(leaf)
+        return np.zeros(jnp.shape(leaf), jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
 def _solve_flat(run, flat_objective, linear_solve, init_flat, theta_flat, data):
     """`run(init_flat, theta_flat, data) -> (x_flat, aux)`, implicitly differentiated w.r.t. theta_flat.
 
-    With `linear_solve`, the returned x is differentiated as the root of the optimality condition
-    grad_x objective(x, theta) = 0 (jaxopt's custom_root; (H + lambda I) v = g solved by `linear_solve`);
-    without it, x is a constant of theta. Either way no gradient flows into `init_flat`.
+    With `linear_solve`, the returned x is differentiated as the minimiser of `flat_objective`
+    (`implicit_root`; (H + lambda I) v = g solved by `linear_solve`); without it, x is a constant of theta.
+    Either way no gradient flows into `init_flat`.
     """
     init_flat = jax.lax.stop_gradient(init_flat)
     if linear_solve is None:
         x_flat, aux = run(init_flat, jax.lax.stop_gradient(theta_flat), data)
         return jax.lax.stop_gradient(x_flat), aux
-    optimality = jax.grad(flat_objective)
-    differentiated = jaxopt.implicit_diff.custom_root(optimality, has_aux=True, solve=linear_solve)(run)
-    return differentiated(init_flat, theta_flat, data)
+    return implicit_root(run, flat_objective, linear_solve)(init_flat, theta_flat, data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,14 +341,14 @@ class GradientDescentSolver:
                 return x, grad(x, theta_flat, data), i + 1
 
             carry = (init_flat, grad(init_flat, theta_flat, data), jnp.zeros((), jnp.int32))
-            x, _, steps = jax.lax.while_loop(cond, body, carry)
-            return x, steps
+            x, g, steps = jax.lax.while_loop(cond, body, carry)
+            return x, (steps, g)  # g: the objective's gradient at the returned x.
 
-        x_flat, steps = _solve_flat(
+        x_flat, (steps, g) = _solve_flat(
             run, flat_objective, self.linear_solve, ravel_pytree(init)[0], theta_flat, data
         )
         x = unravel(x_flat)
-        return x, _stats(problem, x, theta, data, steps, self.tol, 0, steps + 1)
+        return x, _stats(problem, x, theta, data, steps, self.tol, 0, steps + 1, gradient=g)
 
 
 @dataclasses.dataclass(frozen=True)
