@@ -217,6 +217,7 @@ _is_primal = lambda p: isinstance(p, _Primal)
 
 def _zero_cotangents(tree):
     """Zero cotangents for `tree` (float0 for integer leaves, as JAX expects)."""
+
     def zero(leaf):
         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             return jnp.zeros_like(leaf)
