@@ -192,6 +192,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", help="solver/conv/mapping,... (default: DEFAULT_VARIANTS)")
     parser.add_argument("--quick", action="store_true", help="a tiny net: a smoke check, not a measurement")
     parser.add_argument("--json", help="also write the rows and the machine's peak as JSON to this file")
+    parser.add_argument(
+        "--torch-python",
+        default=os.environ.get("BENCH_TORCH_PYTHON", sys.executable),
+        help="a Python with PyTorch for the official code's step (bench/torch_imaml.py; default "
+        "$BENCH_TORCH_PYTHON, else this Python); without PyTorch that row is skipped",
+    )
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)
     variants = args.variants or ",".join(QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
@@ -216,12 +222,40 @@ def main(argv=None) -> list[dict]:
         platform=jax.default_backend(),
         peak_gflops=peak,
         rows=rows,
+        pytorch={"skipped": "--quick (its net is not the official one)"}
+        if args.quick
+        else pytorch_reference(args.torch_python, args.width, args.meta_batch, args.devices, args.steps, log),
     )
     print("\n".join(table(result)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return rows
+
+
+def pytorch_reference(python: str, width: int, meta_batch: int, threads: int, steps: int, log) -> dict:
+    """The official PyTorch code's meta-step at the same setting on `threads` threads (bench/torch_imaml.py,
+    in a subprocess of `python`), or {"skipped": why}."""
+    try:
+        found = (
+            subprocess.run([python, "-c", "import torch"], capture_output=True, timeout=120).returncode == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        found = False
+    if not found:
+        return {
+            "skipped": f"PyTorch is not importable by {python} (set BENCH_TORCH_PYTHON to one that has it)"
+        }
+    log(f"omniglot bench: the official PyTorch step ({threads} threads) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "torch.json")
+        command = [python, os.path.join(REPO, "bench", "torch_imaml.py"), "--json", out]
+        command += ["--width", str(width), "--meta-batch", str(meta_batch), "--threads", str(threads)]
+        proc = subprocess.run(command + ["--steps", str(max(steps, 2))], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"skipped": f"bench/torch_imaml.py failed: {proc.stderr.strip()[-300:]}"}
+        with open(out) as f:
+            return json.load(f)
 
 
 def table(result: dict) -> list[str]:
@@ -245,6 +279,17 @@ def table(result: dict) -> list[str]:
             f"{r['evaluations_per_task']:.1f} | {r['gflop_per_step']:.1f} | {r['gflops']:.1f} | "
             f"{100 * r['gflops'] / peak:.0f}% |"
         )
+    torch_row = result.get("pytorch") or {"skipped": "not measured"}
+    if "skipped" in torch_row:
+        lines += ["", f"The official PyTorch code's step: skipped ({torch_row['skipped']})."]
+    else:
+        lines += [
+            "",
+            f"The official PyTorch code's step at the same setting (bench/torch_imaml.py, torch "
+            f"{torch_row['torch']}, {torch_row['threads']} threads, median of {torch_row['steps']}): "
+            f"{torch_row['step_s']:.3f} s [{torch_row['step_s_min']:.3f}-{torch_row['step_s_max']:.3f}]; "
+            + ", ".join(f"{r['variant']} {torch_row['step_s'] / r['step_s']:.2f}x as fast" for r in rows),
+        ]
     return lines
 
 
