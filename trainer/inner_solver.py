@@ -183,7 +183,7 @@ def implicit_root(run: Callable, objective: Callable, linear_solve: Callable) ->
         return run(init, theta, data)
 
     def values(tree):
-        return jax.tree.map(lambda p: p.value, tree, is_leaf=lambda p: isinstance(p, _Primal))
+        return jax.tree.map(lambda p: p.value, tree, is_leaf=_is_primal)
 
     def fwd(init, theta, data):
         init, theta, data_values = values(init), values(theta), values(data)
