@@ -33,8 +33,12 @@ Params = Any
 Data = Any
 
 
+def tree_vdot(a: Params, b: Params) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def tree_sq_norm(tree: Params) -> jax.Array:
-    return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree))
+    return tree_vdot(tree, tree)
 
 
 def tree_norm(tree: Params) -> jax.Array:
@@ -105,10 +109,6 @@ class InnerSolver(Protocol):
     ) -> tuple[Params, InnerStats]: ...
 
 
-def _vdot(a: Params, b: Params) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 def solve_cg(matvec: Callable, b: Params, tol: float = 1e-5, maxiter: int | None = None) -> Params:
     """Conjugate gradients for A v = b (A symmetric positive definite), started at v = 0.
 
@@ -117,7 +117,7 @@ def solve_cg(matvec: Callable, b: Params, tol: float = 1e-5, maxiter: int | None
     `maxiter` products with A, not one more.
     """
     maxiter = 10 * sum(leaf.size for leaf in jax.tree.leaves(b)) if maxiter is None else maxiter
-    bound = jnp.square(tol) * _vdot(b, b)
+    bound = jnp.square(tol) * tree_vdot(b, b)
     axpy = lambda alpha, x, y: jax.tree.map(lambda u, w: alpha * u + w, x, y)
 
     def cond(carry):
@@ -127,13 +127,13 @@ def solve_cg(matvec: Callable, b: Params, tol: float = 1e-5, maxiter: int | None
     def body(carry):
         v, r, gamma, p, k = carry
         ap = matvec(p)
-        alpha = gamma / _vdot(p, ap)
+        alpha = gamma / tree_vdot(p, ap)
         v, r = axpy(alpha, p, v), axpy(-alpha, ap, r)
-        gamma_next = _vdot(r, r)
+        gamma_next = tree_vdot(r, r)
         return v, r, gamma_next, axpy(gamma_next / gamma, p, r), k + 1
 
     zeros = jax.tree.map(jnp.zeros_like, b)
-    v, *_ = jax.lax.while_loop(cond, body, (zeros, b, _vdot(b, b), b, 0))
+    v, *_ = jax.lax.while_loop(cond, body, (zeros, b, tree_vdot(b, b), b, 0))
     return v
 
 
